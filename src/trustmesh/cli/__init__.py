@@ -1,0 +1,1 @@
+"""The trustmesh command line: noun-verb groups, thin clients of the APIs."""

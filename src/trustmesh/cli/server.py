@@ -1,0 +1,10 @@
+"""``trustmesh server``."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+def server() -> None:
+    """server commands."""

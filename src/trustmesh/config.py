@@ -1,0 +1,209 @@
+"""Typed configuration: one place for defaults, read from a file, env and flags.
+
+Precedence (lowest first): built-in defaults, the config file (TOML or YAML,
+same keys as the flags with ``_`` for ``-``), then flags and their
+``TRUSTMESH_*`` environment variables. No other module reads ``os.environ``
+for settings.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trustmesh.errors import ConfigError
+
+__all__ = [
+    "CaMode",
+    "KeyManagerConfig",
+    "ServerConfig",
+    "default_home",
+    "load_config_file",
+    "parse_duration",
+]
+
+
+def default_home(environ: dict[str, str] | None = None) -> Path:
+    """``$TRUSTMESH_HOME``, or ``~/.trustmesh``."""
+    env = os.environ if environ is None else environ
+    home = env.get("TRUSTMESH_HOME")
+    return Path(home).expanduser() if home else Path("~/.trustmesh").expanduser()
+
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def parse_duration(value: str | int | float | timedelta) -> timedelta:
+    """Parse ``90s``, ``10m``, ``24h``, ``7d``, ``1h30m`` (or seconds as a number)."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return timedelta(seconds=value)
+    text = value.strip().lower()
+    if not text:
+        raise ValueError("empty duration")
+    if text.isdigit():
+        return timedelta(seconds=int(text))
+    total = 0.0
+    number = ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else ch
+        if unit not in _UNITS or not number:
+            raise ValueError(f"invalid duration {value!r}: use forms like 30s, 10m, 24h, 7d")
+        total += float(number) * _UNITS[unit]
+        number = ""
+        i += len(unit)
+    if number:
+        raise ValueError(f"invalid duration {value!r}: missing unit after {number}")
+    return timedelta(seconds=total)
+
+
+class CaMode(enum.StrEnum):
+    """``general``: leaf validity up to the template's maximum. ``short-lived``: at most 7 days."""
+
+    GENERAL = "general"
+    SHORT_LIVED = "short-lived"
+
+
+class KeyManagerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["memory", "disk", "pkcs11"] = "disk"
+    # disk: keys as PEM files (0600) under <data-dir>/keys, optionally encrypted.
+    passphrase_file: Path | None = None
+    passphrase_env: str | None = None
+    # pkcs11: a PKCS#11 module (e.g. SoftHSM's libsofthsm2.so), token and PIN.
+    pkcs11_module: Path | None = None
+    pkcs11_token_label: str | None = None
+    pkcs11_pin_file: Path | None = None
+    pkcs11_pin_env: str | None = None
+
+
+class ServerConfig(BaseModel):
+    """Settings of ``trustmesh server run``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default_factory=lambda: default_home() / "server")
+    trust_domain: str = "example.org"
+    http_address: str = "127.0.0.1:8080"
+    # Base URL written into certificates for CRL and OCSP; default http://<http_address>.
+    public_url: str | None = None
+    datastore: str | None = None  # default: sqlite:///<data-dir>/datastore.sqlite3
+    key_manager: KeyManagerConfig = KeyManagerConfig()
+    ca_key_algorithm: str = "ec-p256"
+    ca_mode: CaMode = CaMode.GENERAL
+    ca_subject: str = "O=trustmesh"
+    root_ttl: timedelta = timedelta(days=3650)
+    intermediate_ttl: timedelta = timedelta(days=365)
+    ocsp_responder_ttl: timedelta = timedelta(days=7)
+    crl_validity: timedelta = timedelta(hours=24)
+    backdate: timedelta = timedelta(seconds=60)
+    default_validity: timedelta = timedelta(hours=24)
+    permitted_dns_domains: tuple[str, ...] = ()
+    upstream_ca_cert: Path | None = None
+    upstream_ca_key: Path | None = None
+    upstream_ca_key_passphrase_file: Path | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator(
+        "root_ttl",
+        "intermediate_ttl",
+        "ocsp_responder_ttl",
+        "crl_validity",
+        "backdate",
+        "default_validity",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, v: Any) -> timedelta:
+        return parse_duration(v)
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _trust_domain(cls, v: str) -> str:
+        allowed = set("abcdefghijklmnopqrstuvwxyz0123456789.-_")
+        if not v or any(c not in allowed for c in v):
+            raise ValueError(
+                "a trust domain is lower-case letters, digits, '.', '-' and '_' only"
+            )
+        return v
+
+    @field_validator("http_address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, got {v!r}")
+        return v
+
+    @property
+    def datastore_url(self) -> str:
+        return self.datastore or f"sqlite:///{self.data_dir / 'datastore.sqlite3'}"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.data_dir / "admin.sock"
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.http_address}").rstrip("/")
+
+    @classmethod
+    def build(cls, file_values: dict[str, Any], overrides: dict[str, Any]) -> ServerConfig:
+        """Merge file values and non-None overrides, with errors naming the key."""
+        merged = dict(file_values)
+        for key, value in overrides.items():
+            if value is None or value == ():
+                continue
+            if key.startswith("key_manager."):
+                km = dict(merged.get("key_manager") or {})
+                km[key.split(".", 1)[1]] = value
+                merged["key_manager"] = km
+            else:
+                merged[key] = value
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "config"
+            raise ConfigError(first["msg"], field=loc) from None
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or YAML file into a dict of settings."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(raw.decode())
+        else:
+            data = yaml.safe_load(raw)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    # Accept both "data-dir" and "data_dir", and a [server] table.
+    if "server" in data and isinstance(data["server"], dict) and len(data) == 1:
+        data = data["server"]
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

@@ -1,0 +1,1 @@
+"""trustmesh.pki.keys."""

@@ -1,0 +1,1 @@
+"""trustmesh.spiffe."""

@@ -1,0 +1,1 @@
+"""Shared fixtures: real processes on loopback, always cleaned up."""
