@@ -1,0 +1,418 @@
+"""The certificate authority's pure signing logic: hierarchy and issuance.
+
+Nothing here does IO or reads the clock: keys, ``now`` and serial numbers are
+inputs, and every function returns a new immutable certificate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+
+from trustmesh.config import CaMode
+from trustmesh.errors import InvalidInput
+from trustmesh.pki.csr import RequestedNames
+from trustmesh.pki.keys.base import SigningKey
+from trustmesh.pki.templates import CertificateTemplate, extensions_for
+
+__all__ = [
+    "SHORT_LIVED_MAX_VALIDITY",
+    "CaUrls",
+    "IssuancePolicy",
+    "IssuanceRequest",
+    "SigningAuthority",
+    "build_intermediate",
+    "build_root",
+    "ca_id_of",
+    "fingerprint",
+    "issue_certificate",
+    "parse_subject",
+    "plan_validity",
+    "signature_hash_for",
+]
+
+SHORT_LIVED_MAX_VALIDITY = timedelta(days=7)
+
+
+def signature_hash_for(key: SigningKey | object) -> hashes.HashAlgorithm | None:
+    """The digest to sign with: SHA-384 for P-384 and above, SHA-256 otherwise, none for EdDSA."""
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
+        return hashes.SHA384()
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 4096:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 fingerprint as colon-separated upper-case hex, as openssl prints it."""
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def ca_id_of(cert: x509.Certificate) -> str:
+    """A short, stable id for a CA certificate: the first 16 hex digits of its key id."""
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()[:16]
+
+
+def parse_subject(text: str) -> x509.Name:
+    """Parse ``O=trustmesh,CN=Root`` (RFC 4514-like, comma separated) into a Name."""
+    attrs = {
+        "CN": NameOID.COMMON_NAME,
+        "O": NameOID.ORGANIZATION_NAME,
+        "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
+        "C": NameOID.COUNTRY_NAME,
+        "L": NameOID.LOCALITY_NAME,
+        "ST": NameOID.STATE_OR_PROVINCE_NAME,
+        "SERIALNUMBER": NameOID.SERIAL_NUMBER,
+    }
+    rdns: list[x509.NameAttribute] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        oid = attrs.get(key.strip().upper())
+        if not sep or oid is None or not value.strip():
+            raise InvalidInput(
+                f"cannot parse subject part {part!r}; use KEY=VALUE with KEY one of "
+                + ", ".join(attrs),
+                field="subject",
+            )
+        try:
+            rdns.append(x509.NameAttribute(oid, value.strip()))
+        except ValueError as exc:
+            raise InvalidInput(f"bad subject value {part!r}: {exc}", field="subject") from None
+    return x509.Name(rdns)
+
+
+def _ski(public_key: object) -> x509.SubjectKeyIdentifier:
+    return x509.SubjectKeyIdentifier.from_public_key(public_key)  # type: ignore[arg-type]
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def build_root(
+    key: SigningKey,
+    subject: x509.Name,
+    now: datetime,
+    ttl: timedelta,
+    *,
+    path_length: int | None = 1,
+    backdate: timedelta = timedelta(0),
+    serial: int | None = None,
+) -> x509.Certificate:
+    """A self-signed root CA certificate."""
+    public_key = key.public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public_key)
+        .serial_number(serial or x509.random_serial_number())
+        .not_valid_before(now - backdate)
+        .not_valid_after(now + ttl)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(_ski(public_key), critical=False)
+    )
+    return builder.sign(key, signature_hash_for(key))  # type: ignore[arg-type]
+
+
+def build_intermediate(
+    public_key: object,
+    subject: x509.Name,
+    issuer_cert: x509.Certificate,
+    issuer_key: SigningKey,
+    now: datetime,
+    ttl: timedelta,
+    *,
+    path_length: int | None = 0,
+    permitted_uri_domains: Sequence[str] = (),
+    permitted_dns_domains: Sequence[str] = (),
+    backdate: timedelta = timedelta(0),
+    serial: int | None = None,
+) -> x509.Certificate:
+    """A CA certificate signed by ``issuer_cert``; it never outlives its issuer."""
+    issuer_bc = issuer_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    if not issuer_bc.ca:
+        raise InvalidInput("the upstream certificate is not a CA (basicConstraints CA:FALSE)",
+                           field="upstream_ca_cert")
+    if issuer_bc.path_length is not None:
+        if issuer_bc.path_length < 1:
+            raise InvalidInput(
+                f"the upstream CA has pathLenConstraint {issuer_bc.path_length}: it cannot "
+                "sign another CA",
+                field="upstream_ca_cert",
+            )
+        if path_length is None or path_length > issuer_bc.path_length - 1:
+            path_length = issuer_bc.path_length - 1
+    not_before = max(now - backdate, issuer_cert.not_valid_before_utc)
+    not_after = min(now + ttl, issuer_cert.not_valid_after_utc)
+    if not_after <= now:
+        raise InvalidInput("the upstream CA certificate has expired", field="upstream_ca_cert")
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(serial or x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(_ski(public_key), critical=False)
+        .add_extension(_aki_from_issuer(issuer_cert), critical=False)
+    )
+    permitted: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(d) for d in permitted_uri_domains
+    ] + [x509.DNSName(d) for d in permitted_dns_domains]
+    if permitted:
+        builder = builder.add_extension(
+            x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None),
+            critical=True,
+        )
+    return builder.sign(issuer_key, signature_hash_for(issuer_key))  # type: ignore[arg-type]
+
+
+def _aki_from_issuer(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    try:
+        ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            issuer_cert.public_key()  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class CaUrls:
+    """Where relying parties find revocation data for certificates a CA signs."""
+
+    crl_url: str
+    ocsp_url: str
+    ca_issuers_url: str | None = None
+
+
+@dataclass(frozen=True)
+class SigningAuthority:
+    """A CA that signs: its certificate and key, the chain above it, and its URLs."""
+
+    certificate: x509.Certificate
+    key: SigningKey
+    chain: tuple[x509.Certificate, ...]  # issuers above ``certificate``, trust anchor last
+    urls: CaUrls
+    permitted_uri_domains: tuple[str, ...] = ()
+    permitted_dns_domains: tuple[str, ...] = ()
+    ca_id: str = field(default="")
+
+    @property
+    def path_length(self) -> int | None:
+        bc = self.certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+        return bc.path_length
+
+
+@dataclass(frozen=True)
+class IssuancePolicy:
+    mode: CaMode = CaMode.GENERAL
+    backdate: timedelta = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class IssuanceRequest:
+    """A validated request: the CSR has been parsed and its signature checked."""
+
+    csr: x509.CertificateSigningRequest
+    template: CertificateTemplate
+    validity: timedelta
+    names: RequestedNames
+    path_length: int | None = None
+
+
+def plan_validity(
+    now: datetime,
+    validity: timedelta,
+    template: CertificateTemplate,
+    policy: IssuancePolicy,
+    issuer: x509.Certificate,
+) -> tuple[datetime, datetime]:
+    """(notBefore, notAfter) for a request, or an error naming the limit it breaks."""
+    if validity <= timedelta(0):
+        raise InvalidInput("validity must be positive", field="validity")
+    if policy.mode is CaMode.SHORT_LIVED and validity > SHORT_LIVED_MAX_VALIDITY:
+        raise InvalidInput(
+            f"validity {_human(validity)} exceeds the short-lived CA mode's limit of "
+            f"{_human(SHORT_LIVED_MAX_VALIDITY)}",
+            field="validity",
+        )
+    if validity > template.max_validity:
+        raise InvalidInput(
+            f"validity {_human(validity)} exceeds the {template.name} template's maximum of "
+            f"{_human(template.max_validity)}",
+            field="validity",
+        )
+    not_after = now + validity
+    issuer_end = issuer.not_valid_after_utc
+    if not_after > issuer_end:
+        raise InvalidInput(
+            f"validity {_human(validity)} would end at {not_after.isoformat()}, after the "
+            f"signing CA expires at {issuer_end.isoformat()}; no certificate may outlive "
+            "its issuer",
+            field="validity",
+        )
+    not_before = max(now - policy.backdate, issuer.not_valid_before_utc)
+    return not_before, not_after
+
+
+def _human(d: timedelta) -> str:
+    secs = int(d.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs % size == 0 and secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def _check_names_allowed(names: RequestedNames, authority: SigningAuthority) -> None:
+    """Refuse names the CA's own name constraints would make invalid anyway."""
+    if authority.permitted_uri_domains:
+        for uri in names.uris:
+            host = (urlsplit(uri).hostname or "").lower()
+            if not any(_host_within(host, d) for d in authority.permitted_uri_domains):
+                raise InvalidInput(
+                    f"URI {uri!r} is outside this CA's permitted URI domains "
+                    f"({', '.join(authority.permitted_uri_domains)})",
+                    field="uris",
+                )
+    if authority.permitted_dns_domains:
+        for dns in names.dns_names:
+            name = dns[2:] if dns.startswith("*.") else dns
+            if not any(_host_within(name, d) for d in authority.permitted_dns_domains):
+                raise InvalidInput(
+                    f"DNS name {dns!r} is outside this CA's permitted DNS domains "
+                    f"({', '.join(authority.permitted_dns_domains)})",
+                    field="dns_names",
+                )
+
+
+def _host_within(host: str, constraint: str) -> bool:
+    constraint = constraint.lower()
+    if constraint.startswith("."):
+        return host.endswith(constraint)
+    return host == constraint or host.endswith("." + constraint)
+
+
+def issue_certificate(
+    authority: SigningAuthority,
+    request: IssuanceRequest,
+    now: datetime,
+    serial: int,
+    policy: IssuancePolicy,
+) -> x509.Certificate:
+    """Sign ``request`` with ``authority`` under ``policy``; raises InvalidInput on refusal."""
+    template = request.template
+    names = request.names
+    subject = request.csr.subject
+    public_key = request.csr.public_key()
+
+    if template.is_ca:
+        issuer_plen = authority.path_length
+        wanted = 0 if request.path_length is None else request.path_length
+        if issuer_plen is not None and wanted >= issuer_plen:
+            raise InvalidInput(
+                f"a subordinate CA with path length {wanted} needs an issuer with a larger "
+                f"path length, but this CA's is {issuer_plen}",
+                field="path_length",
+            )
+        if not subject.rdns:
+            raise InvalidInput("a subordinate CA needs a subject name", field="csr.subject")
+    elif template.requires_names and names.empty:
+        cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = cns[0].value if cns else None
+        if not isinstance(cn, str) or not cn:
+            raise InvalidInput(
+                "the certificate would name nothing: give subject alternative names in the "
+                "CSR or with --dns-name/--uri",
+                field="dns_names",
+            )
+        from trustmesh.pki.csr import validate_dns_name
+
+        names = RequestedNames(dns_names=(validate_dns_name(cn, field="csr.subject.CN"),))
+    if not subject.rdns and names.empty:
+        raise InvalidInput("the certificate needs a subject or at least one SAN",
+                           field="csr.subject")
+
+    _check_names_allowed(names, authority)
+    not_before, not_after = plan_validity(
+        now, request.validity, template, policy, authority.certificate
+    )
+    profile = extensions_for(template, public_key, request.csr.extensions, request.path_length)
+
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(authority.certificate.subject)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    for ext, critical in profile.items:
+        builder = builder.add_extension(ext, critical=critical)
+    if not names.empty:
+        # RFC 5280: the SAN is critical when the subject is empty.
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(names.to_general_names()), critical=not subject.rdns
+        )
+    builder = builder.add_extension(_ski(public_key), critical=False)
+    builder = builder.add_extension(_aki_from_issuer(authority.certificate), critical=False)
+    builder = builder.add_extension(
+        x509.CRLDistributionPoints(
+            [
+                x509.DistributionPoint(
+                    full_name=[x509.UniformResourceIdentifier(authority.urls.crl_url)],
+                    relative_name=None,
+                    reasons=None,
+                    crl_issuer=None,
+                )
+            ]
+        ),
+        critical=False,
+    )
+    if not template.ocsp_nocheck:
+        access = [
+            x509.AccessDescription(
+                AuthorityInformationAccessOID.OCSP,
+                x509.UniformResourceIdentifier(authority.urls.ocsp_url),
+            )
+        ]
+        if authority.urls.ca_issuers_url:
+            access.append(
+                x509.AccessDescription(
+                    AuthorityInformationAccessOID.CA_ISSUERS,
+                    x509.UniformResourceIdentifier(authority.urls.ca_issuers_url),
+                )
+            )
+        builder = builder.add_extension(x509.AuthorityInformationAccess(access), critical=False)
+    return builder.sign(authority.key, signature_hash_for(authority.key))  # type: ignore[arg-type]

@@ -1,0 +1,143 @@
+"""The ``trustmesh server run`` process: wires datastore, keys, CA and APIs, then serves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from trustmesh.clock import Clock, SystemClock
+from trustmesh.config import ServerConfig
+from trustmesh.errors import ConfigError
+from trustmesh.log import get_logger
+from trustmesh.pki.keys import open_key_manager
+from trustmesh.server.admin_api import build_admin_app
+from trustmesh.server.authority import CertificateAuthority
+from trustmesh.server.http import build_public_app
+from trustmesh.server.metrics import ServerMetrics
+from trustmesh.store.datastore import Datastore
+
+__all__ = ["run_server", "serve"]
+
+log = get_logger("trustmesh.server")
+
+_HOUSEKEEPING_INTERVAL = 10.0
+
+
+def _prepare_data_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: left over from a crash
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"another server is already listening on {path}")
+
+
+def build_authority(config: ServerConfig, clock: Clock,
+                    environ: dict[str, str] | None = None) -> CertificateAuthority:
+    _prepare_data_dir(config.data_dir)
+    store = Datastore(config.datastore_url)
+    store.migrate()
+    keys = open_key_manager(config.key_manager, config.data_dir,
+                            dict(os.environ) if environ is None else environ)
+    return CertificateAuthority(config, store, keys, clock)
+
+
+def _update_gauges(ca: CertificateAuthority, metrics: ServerMetrics) -> None:
+    latest = ca.store.latest_crl(ca.ca_id)
+    if latest is not None:
+        metrics.crl_number.labels(ca.ca_id).set(latest.number)
+    for i, cert in enumerate(ca.chain):
+        role = "signing" if i == 0 else "issuer"
+        metrics.ca_expiry.labels(format(cert.serial_number, "x")[:16], role).set(
+            cert.not_valid_after_utc.timestamp())
+
+
+async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None = None) -> None:
+    """Run until ``stop`` is set."""
+    clock = clock or SystemClock()
+    loop = asyncio.get_running_loop()
+    ca = await loop.run_in_executor(None, build_authority, config, clock)
+    metrics = ServerMetrics()
+    _update_gauges(ca, metrics)
+
+    public = web.AppRunner(build_public_app(ca, metrics), access_log=None)
+    admin = web.AppRunner(build_admin_app(ca, metrics), access_log=None)
+    await public.setup()
+    await admin.setup()
+    host, _, port = config.http_address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        await web.TCPSite(public, host, int(port), reuse_address=True).start()
+    except OSError as exc:
+        await public.cleanup()
+        await admin.cleanup()
+        raise ConfigError(f"cannot listen on {config.http_address}: {exc.strerror}",
+                          field="http_address") from None
+    sock_path = config.admin_socket
+    _remove_stale_socket(sock_path)
+    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
+    try:
+        await web.UnixSite(admin, str(sock_path)).start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(sock_path, 0o600)
+    log.info(
+        "server ready",
+        extra={"trust_domain": config.trust_domain, "http": f"http://{config.http_address}",
+               "admin_socket": str(sock_path), "datastore": ca.store.redacted_url,
+               "ca_id": ca.ca_id, "crl_url": ca.authority.urls.crl_url,
+               "ocsp_url": ca.authority.urls.ocsp_url},
+    )
+
+    async def housekeeping() -> None:
+        while True:
+            await asyncio.sleep(_HOUSEKEEPING_INTERVAL)
+            try:
+                await loop.run_in_executor(None, ca.ensure_crl)
+                await loop.run_in_executor(None, ca.rotate_responder_if_due)
+                _update_gauges(ca, metrics)
+            except Exception:
+                log.exception("housekeeping failed; retrying at the next interval")
+
+    task = asyncio.create_task(housekeeping())
+    try:
+        await stop.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await public.cleanup()
+        await admin.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()
+        ca.store.close()
+        log.info("server stopped")
+
+
+def run_server(config: ServerConfig) -> None:
+    """Blocking entry point used by the CLI; SIGINT/SIGTERM stop it cleanly."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    asyncio.run(main())

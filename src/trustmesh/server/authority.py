@@ -1,0 +1,606 @@
+"""The trust authority's certificate service: hierarchy, issuance, revocation, CRL, OCSP.
+
+This is a thin stateful shell: it loads keys and certificates, calls the pure
+signing code in ``trustmesh.pki`` and records results in the datastore. The
+HTTP and admin APIs call it; it never speaks HTTP itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from trustmesh.clock import Clock
+from trustmesh.config import ServerConfig
+from trustmesh.errors import ConfigError, Conflict, InternalError, InvalidInput, NotFound
+from trustmesh.log import get_logger
+from trustmesh.pki.ca import (
+    CaUrls,
+    IssuancePolicy,
+    IssuanceRequest,
+    SigningAuthority,
+    build_intermediate,
+    build_root,
+    ca_id_of,
+    fingerprint,
+    issue_certificate,
+    parse_subject,
+)
+from trustmesh.pki.crl import RevocationReason, RevokedCertificate, build_crl
+from trustmesh.pki.csr import RequestedNames, load_csr
+from trustmesh.pki.keys.base import KeyAlgorithm, KeyManager, generate_software_key
+from trustmesh.pki.ocsp import (
+    CertificateStatus,
+    OcspAnswer,
+    OcspResponder,
+    ResponderIdentity,
+    Status,
+)
+from trustmesh.pki.templates import get_template
+from trustmesh.server.journal import RevocationJournal
+from trustmesh.store.datastore import CertificateRecord, Datastore
+
+__all__ = ["CertificateAuthority", "IssueParams", "IssuedCertificate", "normalize_serial"]
+
+log = get_logger("trustmesh.server.ca")
+
+_ROOT_PATH_LEN = 2
+_INTERMEDIATE_PATH_LEN = 1
+_OCSP_RESPONSE_VALIDITY = timedelta(hours=1)
+
+
+def normalize_serial(text: str) -> str:
+    """``0A:1B``, ``0x0a1b`` and ``A1B`` all become ``a1b``."""
+    cleaned = text.strip().lower().replace(":", "")
+    if cleaned.startswith("0x"):
+        cleaned = cleaned[2:]
+    if not cleaned or any(c not in "0123456789abcdef" for c in cleaned) or len(cleaned) > 64:
+        raise InvalidInput(f"{text!r} is not a hexadecimal serial number", field="serial")
+    return format(int(cleaned, 16), "x")
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _epoch(dt: datetime) -> int:
+    return int(dt.timestamp())
+
+
+def _from_epoch(value: int) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+@dataclass(frozen=True)
+class IssueParams:
+    """An issuance request as the admin API receives it."""
+
+    csr: bytes
+    template: str
+    validity: timedelta | None = None
+    dns_names: tuple[str, ...] = ()
+    uris: tuple[str, ...] = ()
+    ip_addresses: tuple[str, ...] = ()
+    path_length: int | None = None
+    idempotency_key: str | None = None
+
+    def digest(self) -> str:
+        """What makes two requests "the same" for idempotency."""
+        h = hashlib.sha256()
+        for part in (
+            self.csr.strip(),
+            self.template.encode(),
+            str(self.validity.total_seconds() if self.validity else "").encode(),
+            json.dumps([self.dns_names, self.uris, self.ip_addresses, self.path_length]).encode(),
+        ):
+            h.update(len(part).to_bytes(8, "big"))
+            h.update(part)
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # leaf first, trust anchor last
+    serial: str
+    reused: bool = False  # True when an idempotency key returned an earlier certificate
+
+    def to_json(self) -> dict[str, Any]:
+        leaf = self.certificate
+        return {
+            "serial": self.serial,
+            "subject": leaf.subject.rfc4514_string(),
+            "not_before": leaf.not_valid_before_utc.isoformat(),
+            "not_after": leaf.not_valid_after_utc.isoformat(),
+            "fingerprint_sha256": fingerprint(leaf),
+            "chain_pem": "".join(_pem(c) for c in self.chain),
+            "reused": self.reused,
+        }
+
+
+@dataclass
+class _Hierarchy:
+    authority: SigningAuthority
+    anchors: tuple[x509.Certificate, ...]
+    upstream: bool
+
+
+@dataclass
+class _Responder:
+    responder: OcspResponder
+    certificate: x509.Certificate
+    refresh_at: datetime
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CertificateAuthority:
+    """One signing CA (with its chain) and the records of what it signed."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        datastore: Datastore,
+        keys: KeyManager,
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.store = datastore
+        self.keys = keys
+        self.clock = clock
+        self.journal = RevocationJournal(config.data_dir / "revocations.journal")
+        self.policy = IssuancePolicy(mode=config.ca_mode, backdate=config.backdate)
+        self._lock = threading.RLock()
+        self._hierarchy = self._load_or_create_hierarchy()
+        self._responder = self._new_responder()
+        self._replay_journal()
+        self.ensure_crl(force=self.store.latest_crl(self.ca_id) is None)
+
+    # -- hierarchy -------------------------------------------------------------
+    @property
+    def authority(self) -> SigningAuthority:
+        return self._hierarchy.authority
+
+    @property
+    def ca_id(self) -> str:
+        return self._hierarchy.authority.ca_id
+
+    @property
+    def anchors(self) -> tuple[x509.Certificate, ...]:
+        return self._hierarchy.anchors
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """The signing CA first, then its issuers up to the trust anchor."""
+        a = self._hierarchy.authority
+        return (a.certificate, *a.chain)
+
+    def urls_for(self, ca_id: str) -> CaUrls:
+        base = self.config.base_url
+        return CaUrls(
+            crl_url=f"{base}/crl/{ca_id}.crl",
+            ocsp_url=f"{base}/ocsp",
+            ca_issuers_url=f"{base}/ca/{ca_id}.der",
+        )
+
+    def _load_or_create_hierarchy(self) -> _Hierarchy:
+        stored = self.store.get_setting("ca.state")
+        if stored:
+            loaded = self._load_hierarchy(json.loads(stored))
+            if loaded is not None:
+                return loaded
+        return self._create_hierarchy()
+
+    def _permitted(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return (self.config.trust_domain,), tuple(self.config.permitted_dns_domains)
+
+    def _load_hierarchy(self, state: dict[str, Any]) -> _Hierarchy | None:
+        signing = x509.load_pem_x509_certificate(state["signing_pem"].encode())
+        chain = tuple(x509.load_pem_x509_certificates(state["chain_pem"].encode()))
+        key = self.keys.get_key(state["signing_key_id"])
+        if key is None:
+            if self.keys.name == "memory":
+                log.warning(
+                    "the memory key manager lost the CA key on restart; creating a new CA",
+                    extra={"old_ca_id": state.get("ca_id")},
+                )
+                return None
+            raise ConfigError(
+                f"the CA signing key {state['signing_key_id']!r} is missing from the "
+                f"{self.keys.name} key manager; restore it or use a fresh data directory"
+            )
+        if key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) != signing.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ):
+            raise ConfigError("the stored CA key does not match the stored CA certificate")
+        if state.get("trust_domain") != self.config.trust_domain:
+            raise ConfigError(
+                f"this data directory belongs to trust domain {state.get('trust_domain')!r}, "
+                f"not {self.config.trust_domain!r}"
+            )
+        ca_id = state["ca_id"]
+        uri_domains, dns_domains = self._permitted()
+        authority = SigningAuthority(
+            certificate=signing,
+            key=key,
+            chain=chain,
+            urls=self.urls_for(ca_id),
+            permitted_uri_domains=uri_domains,
+            permitted_dns_domains=dns_domains,
+            ca_id=ca_id,
+        )
+        anchors = tuple(x509.load_pem_x509_certificates(state["anchors_pem"].encode()))
+        log.info("loaded CA", extra={"ca_id": ca_id, "upstream": state.get("upstream", False)})
+        return _Hierarchy(authority, anchors, bool(state.get("upstream")))
+
+    def _create_hierarchy(self) -> _Hierarchy:
+        now = self.clock.now()
+        algorithm = KeyAlgorithm.parse(self.config.ca_key_algorithm)
+        stamp = now.strftime("%Y%m%dT%H%M%S")
+        base_subject = parse_subject(self.config.ca_subject)
+        uri_domains, dns_domains = self._permitted()
+        signing_key_id = f"intermediate-{stamp}"
+        signing_key = self.keys.generate_key(signing_key_id, algorithm)
+        inter_subject = x509.Name(
+            [*base_subject, x509.NameAttribute(x509.NameOID.COMMON_NAME,
+                                               f"trustmesh intermediate CA {stamp}")]
+        )
+        upstream = self.config.upstream_ca_cert is not None
+        if upstream:
+            up_chain, up_key = self._load_upstream()
+            issuer_cert = up_chain[0]
+            signing_cert = build_intermediate(
+                signing_key.public_key(), inter_subject, issuer_cert, up_key, now,
+                self.config.intermediate_ttl, path_length=_INTERMEDIATE_PATH_LEN,
+                permitted_uri_domains=uri_domains, permitted_dns_domains=dns_domains,
+                backdate=self.config.backdate,
+            )
+            chain = tuple(up_chain)
+            anchors = (up_chain[-1],)
+        else:
+            root_key_id = f"root-{stamp}"
+            root_key = self.keys.generate_key(root_key_id, algorithm)
+            root_subject = x509.Name(
+                [*base_subject, x509.NameAttribute(x509.NameOID.COMMON_NAME,
+                                                   f"trustmesh root CA {stamp}")]
+            )
+            root = build_root(root_key, root_subject, now, self.config.root_ttl,
+                              path_length=_ROOT_PATH_LEN, backdate=self.config.backdate)
+            signing_cert = build_intermediate(
+                signing_key.public_key(), inter_subject, root, root_key, now,
+                self.config.intermediate_ttl, path_length=_INTERMEDIATE_PATH_LEN,
+                permitted_uri_domains=uri_domains, permitted_dns_domains=dns_domains,
+                backdate=self.config.backdate,
+            )
+            chain = (root,)
+            anchors = (root,)
+        ca_id = ca_id_of(signing_cert)
+        state = {
+            "ca_id": ca_id,
+            "trust_domain": self.config.trust_domain,
+            "signing_key_id": signing_key_id,
+            "signing_pem": _pem(signing_cert),
+            "chain_pem": "".join(_pem(c) for c in chain),
+            "anchors_pem": "".join(_pem(c) for c in anchors),
+            "upstream": upstream,
+            "key_manager": self.keys.name,
+            "created_at": now.isoformat(),
+        }
+        self.store.put_settings({"ca.state": json.dumps(state)})
+        log.info("created CA", extra={"ca_id": ca_id, "upstream": upstream,
+                                      "algorithm": algorithm.value})
+        authority = SigningAuthority(
+            certificate=signing_cert, key=signing_key, chain=chain,
+            urls=self.urls_for(ca_id), permitted_uri_domains=uri_domains,
+            permitted_dns_domains=dns_domains, ca_id=ca_id,
+        )
+        return _Hierarchy(authority, anchors, upstream)
+
+    def _load_upstream(self) -> tuple[list[x509.Certificate], Any]:
+        cert_path = self.config.upstream_ca_cert
+        key_path = self.config.upstream_ca_key
+        if cert_path is None or key_path is None:
+            raise ConfigError("--upstream-ca-cert and --upstream-ca-key must be given together")
+        try:
+            certs = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load upstream CA certificate {cert_path}: {exc}") from None
+        passphrase = None
+        if self.config.upstream_ca_key_passphrase_file:
+            passphrase = Path(self.config.upstream_ca_key_passphrase_file).read_bytes().rstrip(
+                b"\r\n")
+        try:
+            key = serialization.load_pem_private_key(Path(key_path).read_bytes(), passphrase)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"cannot load upstream CA key {key_path}: {exc}") from None
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(serialization.Encoding.DER, spki) != certs[
+            0
+        ].public_key().public_bytes(serialization.Encoding.DER, spki):
+            raise ConfigError(
+                "the upstream CA key does not match the first certificate in "
+                f"{cert_path}"
+            )
+        return certs, key
+
+    # -- OCSP responder --------------------------------------------------------
+    def _new_responder(self) -> _Responder:
+        """A fresh delegated responder key and certificate (kept in memory only)."""
+        now = self.clock.now()
+        authority = self.authority
+        key = generate_software_key(KeyAlgorithm.EC_P256)
+        ttl = min(self.config.ocsp_responder_ttl,
+                  authority.certificate.not_valid_after_utc - now)
+        subject = x509.Name(
+            [*parse_subject(self.config.ca_subject),
+             x509.NameAttribute(x509.NameOID.COMMON_NAME, f"trustmesh OCSP responder {self.ca_id}")]
+        )
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(subject)
+            .sign(key, hashes.SHA256())
+        )
+        request = IssuanceRequest(
+            csr=csr, template=get_template("ocsp-signing"), validity=ttl,
+            names=RequestedNames(),
+        )
+        cert = issue_certificate(authority, request, now, x509.random_serial_number(),
+                                 IssuancePolicy(mode=self.config.ca_mode,
+                                                backdate=self.config.backdate))
+        responder = OcspResponder(
+            [ResponderIdentity(self.ca_id, authority.certificate, cert, key)],
+            validity=_OCSP_RESPONSE_VALIDITY,
+        )
+        lifetime = cert.not_valid_after_utc - now
+        log.info("issued OCSP responder certificate",
+                 extra={"serial": format(cert.serial_number, "x"),
+                        "not_after": cert.not_valid_after_utc.isoformat()})
+        return _Responder(responder, cert, now + lifetime * 2 / 3)
+
+    def rotate_responder_if_due(self) -> bool:
+        if self.clock.now() < self._responder.refresh_at:
+            return False
+        with self._lock:
+            self._responder = self._new_responder()
+        return True
+
+    @property
+    def responder_certificate(self) -> x509.Certificate:
+        return self._responder.certificate
+
+    def ocsp(self, request_der: bytes) -> OcspAnswer:
+        return self._responder.responder.respond(request_der, self._status_lookup,
+                                                 self.clock.now())
+
+    def _status_lookup(self, ca_id: str, serial: int) -> CertificateStatus:
+        row = self.store.certificate_status(format(serial, "x"))
+        if row is None or row[0] != ca_id:
+            return CertificateStatus(Status.UNKNOWN)
+        _, status, revoked_at, reason = row
+        if status == "revoked":
+            return CertificateStatus(
+                Status.REVOKED,
+                _from_epoch(revoked_at or 0),
+                RevocationReason.parse(reason or "unspecified"),
+            )
+        return CertificateStatus(Status.GOOD)
+
+    # -- issuance ------------------------------------------------------------
+    def issue(self, params: IssueParams, actor: str) -> IssuedCertificate:
+        digest = params.digest() if params.idempotency_key else None
+        if params.idempotency_key:
+            if len(params.idempotency_key) > 256:
+                raise InvalidInput("idempotency key longer than 256 characters",
+                                   field="idempotency_key")
+            earlier = self._idempotent_hit(params.idempotency_key, digest)
+            if earlier is not None:
+                return earlier
+        template = get_template(params.template)
+        csr = load_csr(params.csr)
+        validity = params.validity or min(self.config.default_validity, template.max_validity)
+        names = RequestedNames.collect(csr, params.dns_names, params.uris, params.ip_addresses)
+        request = IssuanceRequest(csr, template, validity, names, params.path_length)
+        now = self.clock.now()
+        serial_int = x509.random_serial_number()
+        cert = issue_certificate(self.authority, request, now, serial_int, self.policy)
+        serial = format(serial_int, "x")
+        sans = _sans_of(cert)
+        record = CertificateRecord(
+            serial=serial,
+            ca_id=self.ca_id,
+            subject=cert.subject.rfc4514_string(),
+            sans=sans,
+            template=template.name,
+            not_before=_epoch(cert.not_valid_before_utc),
+            not_after=_epoch(cert.not_valid_after_utc),
+            der=cert.public_bytes(serialization.Encoding.DER),
+            requested_by=actor,
+            created_at=_epoch(now),
+            idempotency_key=params.idempotency_key,
+            request_digest=digest,
+        )
+        details = {
+            "subject": record.subject,
+            "sans": list(sans),
+            "template": template.name,
+            "not_before": cert.not_valid_before_utc.isoformat(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "ca_id": self.ca_id,
+        }
+        try:
+            self.store.insert_certificates([record], [details])
+        except Conflict:
+            if params.idempotency_key:  # a concurrent retry won the race
+                earlier = self._idempotent_hit(params.idempotency_key, digest)
+                if earlier is not None:
+                    return earlier
+            raise
+        log.info("issued certificate", extra={"serial": serial, "template": template.name,
+                                              "actor": actor, "sans": list(sans)})
+        return IssuedCertificate(cert, (cert, *self.chain), serial)
+
+    def _idempotent_hit(self, key: str, digest: str | None) -> IssuedCertificate | None:
+        record = self.store.find_by_idempotency_key(key)
+        if record is None:
+            return None
+        if record.request_digest != digest:
+            raise Conflict(
+                f"idempotency key {key!r} was already used for a different request",
+                field="idempotency_key",
+            )
+        cert = x509.load_der_x509_certificate(record.der)
+        return IssuedCertificate(cert, (cert, *self.chain), record.serial, reused=True)
+
+    # -- revocation ----------------------------------------------------------
+    def revoke(self, serial_text: str, reason_text: str, actor: str) -> CertificateRecord:
+        serial = normalize_serial(serial_text)
+        reason = RevocationReason.parse(reason_text)
+        record = self.store.get_certificate(serial)  # NotFound for unknown serials
+        if record.status == "revoked":
+            raise Conflict(f"certificate {serial} is already revoked", field="serial")
+        now = self.clock.now()
+        entry = {"serial": serial, "at": _epoch(now), "reason": reason.value, "actor": actor,
+                 "details": {"subject": record.subject, "sans": list(record.sans),
+                             "reason": reason.value}}
+        # Durable first: the journal, then the datastore, then CRL and OCSP change.
+        self.journal.append(entry)
+        with self._lock:
+            revoked = self.store.revoke(serial, at=entry["at"], reason=reason.value,
+                                        actor=actor, details=entry["details"])
+            self.ensure_crl(force=True)
+        log.info("revoked certificate", extra={"serial": serial, "reason": reason.value,
+                                               "actor": actor})
+        return revoked
+
+    def _replay_journal(self) -> None:
+        fixed = self.store.apply_revocations(self.journal.entries())
+        if fixed:
+            log.warning("restored revocations the datastore had lost",
+                        extra={"serials": fixed})
+
+    # -- CRL -----------------------------------------------------------------
+    def ensure_crl(self, *, force: bool = False) -> bool:
+        """Re-sign the CRL when forced or when half its validity is gone."""
+        with self._lock:
+            now = self.clock.now()
+            latest = self.store.latest_crl(self.ca_id)
+            if latest is not None and not force:
+                half = latest.this_update + (latest.next_update - latest.this_update) // 2
+                if _epoch(now) < half:
+                    return False
+            revoked = [
+                RevokedCertificate(
+                    int(r.serial, 16), _from_epoch(r.revoked_at or 0),
+                    RevocationReason.parse(r.revocation_reason or "unspecified"),
+                )
+                for r in self.store.revoked_certificates(self.ca_id)
+            ]
+            this_update = now.replace(microsecond=0)
+            next_update = this_update + self.config.crl_validity
+            authority = self.authority
+
+            def build(number: int) -> bytes:
+                crl = build_crl(authority.certificate, authority.key, revoked, number=number,
+                                this_update=this_update, next_update=next_update)
+                return crl.public_bytes(serialization.Encoding.DER)
+
+            rec = self.store.store_crl(self.ca_id, this_update=_epoch(this_update),
+                                       next_update=_epoch(next_update), build=build)
+            log.info("signed CRL", extra={"ca_id": self.ca_id, "number": rec.number,
+                                          "revoked": len(revoked)})
+            return True
+
+    def crl_der(self, ca_id: str) -> bytes:
+        rec = self.store.latest_crl(ca_id)
+        if rec is None:
+            raise NotFound(f"no CRL for CA {ca_id}")
+        return rec.der
+
+    def ca_certificate(self, ca_id: str) -> x509.Certificate:
+        for cert in self.chain:
+            if ca_id_of(cert) == ca_id:
+                return cert
+        raise NotFound(f"no CA certificate {ca_id}")
+
+    # -- views ---------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        def info(cert: x509.Certificate, role: str) -> dict[str, Any]:
+            return {
+                "role": role,
+                "ca_id": ca_id_of(cert),
+                "subject": cert.subject.rfc4514_string(),
+                "issuer": cert.issuer.rfc4514_string(),
+                "serial": format(cert.serial_number, "x"),
+                "not_before": cert.not_valid_before_utc.isoformat(),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "fingerprint_sha256": fingerprint(cert),
+                "pem": _pem(cert),
+            }
+
+        chain = self.chain
+        roles = ["signing"] + ["upstream" if self._hierarchy.upstream else "root"] * (
+            len(chain) - 1)
+        return {
+            "trust_domain": self.config.trust_domain,
+            "mode": self.config.ca_mode.value,
+            "key_manager": self.keys.name,
+            "ca_id": self.ca_id,
+            "crl_url": self.authority.urls.crl_url,
+            "ocsp_url": self.authority.urls.ocsp_url,
+            "chain": [info(c, r) for c, r in zip(chain, roles, strict=True)],
+            "trust_anchors_pem": "".join(_pem(c) for c in self.anchors),
+            "ocsp_responder": info(self._responder.certificate, "ocsp-responder"),
+        }
+
+    def audit(self, action: str | None = None, serial: str | None = None
+              ) -> list[dict[str, Any]]:
+        if serial:
+            serial = normalize_serial(serial)
+        if action not in (None, "issue", "revoke"):
+            raise InvalidInput(f"unknown audit action {action!r}; use issue or revoke",
+                               field="action")
+        out = []
+        for ev in self.store.audit_events(action=action, serial=serial):
+            out.append({
+                "id": ev.id,
+                "at": _from_epoch(ev.at).isoformat(),
+                "actor": ev.actor,
+                "action": ev.action,
+                "serial": ev.serial,
+                **ev.details,
+            })
+        return out
+
+
+def _sans_of(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    out: list[str] = []
+    for gn in san:
+        if isinstance(gn, x509.DNSName):
+            out.append(f"DNS:{gn.value}")
+        elif isinstance(gn, x509.UniformResourceIdentifier):
+            out.append(f"URI:{gn.value}")
+        elif isinstance(gn, x509.IPAddress):
+            out.append(f"IP:{gn.value}")
+        elif isinstance(gn, x509.RFC822Name):
+            out.append(f"email:{gn.value}")
+        else:  # pragma: no cover - issue_certificate only writes the kinds above
+            raise InternalError(f"unexpected SAN {gn!r}")
+    return tuple(out)
+
+
+def chain_pem(certs: Sequence[x509.Certificate]) -> str:
+    return "".join(_pem(c) for c in certs)

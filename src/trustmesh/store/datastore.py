@@ -1,0 +1,379 @@
+"""The datastore: one interface over SQLite (embedded default) and PostgreSQL.
+
+Writes that matter for security (issuance with its audit event, revocation
+with its audit event) happen in one transaction each; SQLite runs with
+``synchronous=FULL`` so a committed revocation survives a power cut.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Engine,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from trustmesh.errors import ConfigError, Conflict, NotFound, Unavailable
+from trustmesh.store import models as m
+
+__all__ = ["AuditEvent", "CertificateRecord", "CrlRecord", "Datastore", "normalize_url"]
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    serial: str
+    ca_id: str
+    subject: str
+    sans: tuple[str, ...]
+    template: str
+    not_before: int
+    not_after: int
+    der: bytes
+    requested_by: str
+    created_at: int
+    idempotency_key: str | None = None
+    request_digest: str | None = None
+    status: str = "valid"
+    revoked_at: int | None = None
+    revocation_reason: str | None = None
+    revoked_by: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    id: int
+    at: int
+    actor: str
+    action: str
+    serial: str | None
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CrlRecord:
+    ca_id: str
+    number: int
+    this_update: int
+    next_update: int
+    der: bytes
+
+
+def normalize_url(url: str) -> str:
+    """Map user-facing URLs to SQLAlchemy ones (``postgresql://`` uses psycopg 3)."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
+
+
+def _row_to_cert(row: Any) -> CertificateRecord:
+    return CertificateRecord(
+        serial=row.serial,
+        ca_id=row.ca_id,
+        subject=row.subject,
+        sans=tuple(json.loads(row.sans)),
+        template=row.template,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        der=bytes(row.der),
+        requested_by=row.requested_by,
+        created_at=row.created_at,
+        idempotency_key=row.idempotency_key,
+        request_digest=row.request_digest,
+        status=row.status,
+        revoked_at=row.revoked_at,
+        revocation_reason=row.revocation_reason,
+        revoked_by=row.revoked_by,
+    )
+
+
+class Datastore:
+    """Thread-safe access to the datastore. Create once per process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalize_url(url)
+        self.dialect = self.url.split(":", 1)[0].split("+", 1)[0]
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise ConfigError(
+                f"unsupported datastore URL scheme {self.dialect!r}; use sqlite:///PATH or "
+                "postgresql://USER@HOST/DB",
+                field="datastore",
+            )
+        self._write_lock = threading.Lock()  # SQLite allows one writer; avoid busy loops
+        try:
+            if self.dialect == "sqlite":
+                self.engine: Engine = create_engine(
+                    self.url,
+                    connect_args={"check_same_thread": False, "timeout": 30},
+                )
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            else:
+                self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise ConfigError(f"cannot open datastore {self.redacted_url}: {exc}",
+                              field="datastore") from None
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with any password hidden, for logs and errors."""
+        head, sep, tail = self.url.partition("://")
+        if "@" in tail:
+            creds, _, host = tail.rpartition("@")
+            user = creds.split(":", 1)[0]
+            return f"{head}{sep}{user}:***@{host}" if ":" in creds else self.url
+        return self.url
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema --------------------------------------------------------------
+    def migrate(self) -> None:
+        """Create the schema, or check that an existing one is one we understand."""
+        try:
+            m.metadata.create_all(self.engine)
+            with self.engine.begin() as conn:
+                version = conn.execute(select(m.schema_info.c.version)).scalar()
+                if version is None:
+                    conn.execute(insert(m.schema_info).values(id=1, version=m.SCHEMA_VERSION))
+                elif version > m.SCHEMA_VERSION:
+                    raise ConfigError(
+                        f"the datastore has schema version {version}, newer than this "
+                        f"trustmesh understands ({m.SCHEMA_VERSION}); upgrade trustmesh",
+                        field="datastore",
+                    )
+        except OperationalError as exc:
+            raise Unavailable(f"cannot reach datastore {self.redacted_url}: {exc.orig}") from None
+
+    # -- settings ------------------------------------------------------------
+    def get_setting(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(m.settings.c.value).where(m.settings.c.key == key)).scalar()
+
+    def put_settings(self, values: dict[str, str]) -> None:
+        """Write several settings in one transaction (all or nothing)."""
+        with self._write_lock, self.engine.begin() as conn:
+            for key, value in values.items():
+                updated = conn.execute(
+                    update(m.settings).where(m.settings.c.key == key).values(value=value)
+                ).rowcount
+                if not updated:
+                    conn.execute(insert(m.settings).values(key=key, value=value))
+
+    # -- certificates --------------------------------------------------------
+    def insert_certificates(
+        self, records: Sequence[CertificateRecord], actor_details: Sequence[dict[str, Any]]
+    ) -> None:
+        """Store issued certificates and their audit events in one transaction."""
+        if not records:
+            return
+        cert_rows = [
+            {
+                "serial": r.serial,
+                "ca_id": r.ca_id,
+                "subject": r.subject,
+                "sans": json.dumps(list(r.sans)),
+                "template": r.template,
+                "not_before": r.not_before,
+                "not_after": r.not_after,
+                "der": r.der,
+                "requested_by": r.requested_by,
+                "idempotency_key": r.idempotency_key,
+                "request_digest": r.request_digest,
+                "created_at": r.created_at,
+                "status": "valid",
+            }
+            for r in records
+        ]
+        audit_rows = [
+            {
+                "at": r.created_at,
+                "actor": r.requested_by,
+                "action": "issue",
+                "serial": r.serial,
+                "details": json.dumps(d, sort_keys=True),
+            }
+            for r, d in zip(records, actor_details, strict=True)
+        ]
+        try:
+            with self._write_lock, self.engine.begin() as conn:
+                conn.execute(insert(m.certificates), cert_rows)
+                conn.execute(insert(m.audit_events), audit_rows)
+        except IntegrityError as exc:
+            raise Conflict(f"certificate already stored (serial or idempotency key): {exc.orig}"
+                           ) from None
+
+    def find_by_idempotency_key(self, key: str) -> CertificateRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(m.certificates).where(m.certificates.c.idempotency_key == key)
+            ).first()
+        return _row_to_cert(row) if row else None
+
+    def get_certificate(self, serial: str) -> CertificateRecord:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(m.certificates).where(m.certificates.c.serial == serial)
+            ).first()
+        if row is None:
+            raise NotFound(f"no certificate with serial {serial}", field="serial")
+        return _row_to_cert(row)
+
+    def list_certificates(self, *, status: str | None = None, limit: int = 1000
+                          ) -> list[CertificateRecord]:
+        q = select(m.certificates).order_by(m.certificates.c.created_at).limit(limit)
+        if status:
+            q = q.where(m.certificates.c.status == status)
+        with self.engine.connect() as conn:
+            return [_row_to_cert(r) for r in conn.execute(q)]
+
+    def count_certificates(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(m.certificates)).scalar()
+                       or 0)
+
+    def revoke(
+        self, serial: str, *, at: int, reason: str, actor: str, details: dict[str, Any]
+    ) -> CertificateRecord:
+        """Mark a certificate revoked and record who did it; both or neither."""
+        with self._write_lock, self.engine.begin() as conn:
+            row = conn.execute(
+                select(m.certificates).where(m.certificates.c.serial == serial)
+            ).first()
+            if row is None:
+                raise NotFound(f"no certificate with serial {serial} was issued by this CA",
+                               field="serial")
+            if row.status == "revoked":
+                raise Conflict(
+                    f"certificate {serial} is already revoked (since {row.revoked_at}, "
+                    f"reason {row.revocation_reason})",
+                    field="serial",
+                )
+            conn.execute(
+                update(m.certificates)
+                .where(m.certificates.c.serial == serial)
+                .values(status="revoked", revoked_at=at, revocation_reason=reason,
+                        revoked_by=actor)
+            )
+            conn.execute(
+                insert(m.audit_events).values(
+                    at=at, actor=actor, action="revoke", serial=serial,
+                    details=json.dumps(details, sort_keys=True),
+                )
+            )
+            row = conn.execute(
+                select(m.certificates).where(m.certificates.c.serial == serial)
+            ).first()
+        return _row_to_cert(row)
+
+    def apply_revocations(self, entries: Iterable[dict[str, Any]]) -> list[str]:
+        """Re-apply journalled revocations the database lost; returns the serials fixed."""
+        fixed: list[str] = []
+        with self._write_lock, self.engine.begin() as conn:
+            for e in entries:
+                row = conn.execute(
+                    select(m.certificates.c.status).where(m.certificates.c.serial == e["serial"])
+                ).first()
+                if row is None or row.status == "revoked":
+                    continue
+                conn.execute(
+                    update(m.certificates)
+                    .where(m.certificates.c.serial == e["serial"])
+                    .values(status="revoked", revoked_at=e["at"], revocation_reason=e["reason"],
+                            revoked_by=e["actor"])
+                )
+                conn.execute(
+                    insert(m.audit_events).values(
+                        at=e["at"], actor=e["actor"], action="revoke", serial=e["serial"],
+                        details=json.dumps({**e.get("details", {}), "restored_from_journal":
+                                            True}, sort_keys=True),
+                    )
+                )
+                fixed.append(e["serial"])
+        return fixed
+
+    def revoked_certificates(self, ca_id: str) -> list[CertificateRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(m.certificates)
+                .where(m.certificates.c.ca_id == ca_id, m.certificates.c.status == "revoked")
+                .order_by(m.certificates.c.revoked_at)
+            )
+            return [_row_to_cert(r) for r in rows]
+
+    def certificate_status(self, serial: str) -> tuple[str, str, int | None, str | None] | None:
+        """(ca_id, status, revoked_at, reason) of a serial, or None if never issued."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(
+                    m.certificates.c.ca_id,
+                    m.certificates.c.status,
+                    m.certificates.c.revoked_at,
+                    m.certificates.c.revocation_reason,
+                ).where(m.certificates.c.serial == serial)
+            ).first()
+        return (row.ca_id, row.status, row.revoked_at, row.revocation_reason) if row else None
+
+    # -- CRLs ----------------------------------------------------------------
+    def store_crl(self, ca_id: str, *, this_update: int, next_update: int,
+                  build: Any) -> CrlRecord:
+        """Take the next CRL number, call ``build(number)`` for the DER, and store it.
+
+        The number is read and written in the same transaction, so it only grows,
+        across restarts and across server replicas sharing one database.
+        """
+        with self._write_lock, self.engine.begin() as conn:
+            q = select(m.crls.c.number).where(m.crls.c.ca_id == ca_id)
+            if self.dialect == "postgresql":
+                q = q.with_for_update()
+            current = conn.execute(q).scalar()
+            number = 1 if current is None else int(current) + 1
+            der = build(number)
+            values = {"number": number, "this_update": this_update,
+                      "next_update": next_update, "der": der}
+            if current is None:
+                conn.execute(insert(m.crls).values(ca_id=ca_id, **values))
+            else:
+                conn.execute(update(m.crls).where(m.crls.c.ca_id == ca_id).values(**values))
+        return CrlRecord(ca_id, number, this_update, next_update, der)
+
+    def latest_crl(self, ca_id: str) -> CrlRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(m.crls).where(m.crls.c.ca_id == ca_id)).first()
+        if row is None:
+            return None
+        return CrlRecord(row.ca_id, row.number, row.this_update, row.next_update, bytes(row.der))
+
+    # -- audit ---------------------------------------------------------------
+    def audit_events(self, *, action: str | None = None, serial: str | None = None,
+                     limit: int = 10000) -> list[AuditEvent]:
+        q = select(m.audit_events).order_by(m.audit_events.c.id).limit(limit)
+        if action:
+            q = q.where(m.audit_events.c.action == action)
+        if serial:
+            q = q.where(m.audit_events.c.serial == serial)
+        with self.engine.connect() as conn:
+            return [
+                AuditEvent(r.id, r.at, r.actor, r.action, r.serial, json.loads(r.details))
+                for r in conn.execute(q)
+            ]
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()

@@ -1,0 +1,79 @@
+"""Datastore schema (SQLAlchemy Core), shared by SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+schema_info = Table(
+    "schema_info",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+)
+
+# Small key/value state of the CA: certificates of the hierarchy, key ids.
+settings = Table(
+    "settings",
+    metadata,
+    Column("key", String(128), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("serial", String(64), primary_key=True),  # lower-case hex, no leading zeros
+    Column("ca_id", String(32), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("sans", Text, nullable=False),  # JSON list of "DNS:x" / "URI:y" / "IP:z"
+    Column("template", String(64), nullable=False),
+    Column("not_before", BigInteger, nullable=False),  # epoch seconds
+    Column("not_after", BigInteger, nullable=False),
+    Column("der", LargeBinary, nullable=False),
+    Column("requested_by", Text, nullable=False),
+    Column("idempotency_key", String(256), nullable=True, unique=True),
+    Column("request_digest", String(64), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False, default="valid"),  # valid | revoked
+    Column("revoked_at", BigInteger, nullable=True),
+    Column("revocation_reason", String(32), nullable=True),
+    Column("revoked_by", Text, nullable=True),
+)
+Index("ix_certificates_ca_status", certificates.c.ca_id, certificates.c.status)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("at", BigInteger, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("action", String(32), nullable=False),  # issue | revoke
+    Column("serial", String(64), nullable=True),
+    Column("details", Text, nullable=False),  # JSON
+)
+Index("ix_audit_at", audit_events.c.at)
+
+crls = Table(
+    "crls",
+    metadata,
+    Column("ca_id", String(32), primary_key=True),
+    Column("number", BigInteger, nullable=False),
+    Column("this_update", BigInteger, nullable=False),
+    Column("next_update", BigInteger, nullable=False),
+    Column("der", LargeBinary, nullable=False),
+)

@@ -1,0 +1,125 @@
+"""Start real trustmesh processes for tests and always stop them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+VENV_BIN = Path(sys.executable).parent
+TRUSTMESH = str(VENV_BIN / "trustmesh")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(args: Sequence[str], *, check: bool = False, input: bytes | None = None,
+        env: dict[str, str] | None = None, timeout: float = 60,
+        user: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = list(args)
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    proc = subprocess.run(
+        cmd, input=input.decode() if input is not None else None, capture_output=True,
+        text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+            f"stderr:\n{proc.stderr}")
+    return proc
+
+
+def openssl(*args: str, check: bool = True, timeout: float = 30
+            ) -> subprocess.CompletedProcess[str]:
+    return run(["openssl", *args], check=check, timeout=timeout)
+
+
+class ServerProcess:
+    """``trustmesh server run`` as a real child process on a loopback port."""
+
+    def __init__(self, data_dir: Path, extra_args: Sequence[str] = (),
+                 env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def socket(self) -> Path:
+        return self.data_dir / "admin.sock"
+
+    def start(self, timeout: float = 60) -> ServerProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = log
+        self.proc = subprocess.Popen(
+            [TRUSTMESH, "server", "run", "--data-dir", str(self.data_dir),
+             "--http-address", f"127.0.0.1:{self.port}", *self.extra_args],
+            stdout=log, stderr=log, env={**os.environ, **self.env},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200 and (
+                    self.socket.exists()
+                ):
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"server did not become ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-5000:]
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        rc = self.proc.returncode
+        self.proc = None
+        self._log.close()
+        return rc
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def cli(self, *args: str, check: bool = False, input: bytes | None = None,
+            user: str | None = None) -> subprocess.CompletedProcess[str]:
+        return run([TRUSTMESH, *args, "--socket", str(self.socket)], check=check,
+                   input=input, user=user)
+
+    def cli_json(self, *args: str) -> Any:
+        proc = self.cli(*args, "--output", "json", check=True)
+        return json.loads(proc.stdout)
