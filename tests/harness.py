@@ -30,7 +30,11 @@ def run(args: Sequence[str], *, check: bool = False, input: bytes | None = None,
         user: str | None = None) -> subprocess.CompletedProcess[str]:
     cmd = list(args)
     if user:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+        import pwd
+
+        pw = pwd.getpwnam(user)
+        cmd = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+               *cmd]
     proc = subprocess.run(
         cmd, input=input.decode() if input is not None else None, capture_output=True,
         text=True, timeout=timeout, env={**os.environ, **(env or {})},

@@ -67,7 +67,8 @@ def issue(csr_path: str, template: str, validity: str | None, dns_names: tuple[s
             import base64
 
             b64 = base64.encodebytes(csr).decode()
-            csr_text = f"-----BEGIN CERTIFICATE REQUEST-----\n{b64}-----END CERTIFICATE REQUEST-----\n"
+            csr_text = (f"-----BEGIN CERTIFICATE REQUEST-----\n{b64}"
+                        "-----END CERTIFICATE REQUEST-----\n")
         body: dict[str, Any] = {
             "csr": csr_text, "template": template, "dns_names": list(dns_names),
             "uris": list(uris), "ip_addresses": list(ip_addresses),

@@ -19,13 +19,14 @@ _GROUPS: tuple[tuple[str, str], ...] = (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "TRUSTMESH"})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="trustmesh")
 def cli() -> None:
     """trustmesh: workload identity, private CA, mTLS mesh and policy.
 
-    Every command takes --help. Options may also be set from the environment
-    with the TRUSTMESH_ prefix (for example TRUSTMESH_SERVER_RUN_DATA_DIR).
+    Every command takes --help and --output json. Main options can also be set
+    from the environment (TRUSTMESH_HOME, TRUSTMESH_DATA_DIR, TRUSTMESH_ADMIN_SOCKET,
+    ...; each option's help names its variable).
     """
 
 

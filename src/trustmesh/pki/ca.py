@@ -358,7 +358,15 @@ def issue_certificate(
             )
         from trustmesh.pki.csr import validate_dns_name
 
-        names = RequestedNames(dns_names=(validate_dns_name(cn, field="csr.subject.CN"),))
+        try:
+            names = RequestedNames(dns_names=(validate_dns_name(cn, field="csr.subject.CN"),))
+        except InvalidInput as exc:
+            raise InvalidInput(
+                "the certificate would name nothing: the CSR has no subject alternative "
+                f"names and its CN is not a DNS name ({exc.message}); give names with "
+                "--dns-name/--uri",
+                field="dns_names",
+            ) from None
     if not subject.rdns and names.empty:
         raise InvalidInput("the certificate needs a subject or at least one SAN",
                            field="csr.subject")

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from trustmesh.config import parse_duration
-from trustmesh.errors import InvalidInput, PermissionDenied, TrustmeshError
+from trustmesh.errors import InternalError, InvalidInput, PermissionDenied, TrustmeshError
 from trustmesh.log import get_logger
 from trustmesh.server.authority import CertificateAuthority, IssueParams
 from trustmesh.server.metrics import ServerMetrics
@@ -76,6 +76,12 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics) -> web.App
             return await handler(request)
         except TrustmeshError as err:
             return _error_response(err)
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("admin API request failed", extra={"path": request.path})
+            return _error_response(InternalError(
+                "internal error while handling the request; see the server log"))
 
     app = web.Application(middlewares=[guard], client_max_size=1024 * 1024)
 
