@@ -119,6 +119,8 @@ class ServerConfig(BaseModel):
     upstream_ca_cert: Path | None = None
     upstream_ca_key: Path | None = None
     upstream_ca_key_passphrase_file: Path | None = None
+    # Signing processes for issuance; None = one per core (none on a single core).
+    signing_workers: int | None = Field(default=None, ge=0, le=64)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 

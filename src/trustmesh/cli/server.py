@@ -66,6 +66,10 @@ def _server_options(fn: Any) -> Any:
         click.option("--upstream-ca-key-passphrase-file",
                      type=click.Path(dir_okay=False, path_type=Path),
                      help="Passphrase of an encrypted --upstream-ca-key."),
+        click.option("--signing-workers", type=click.IntRange(0, 64),
+                     envvar="TRUSTMESH_SIGNING_WORKERS",
+                     help="Processes that sign certificates; 0 signs in the server process  "
+                          "[default: one per core]"),
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
                      envvar="TRUSTMESH_LOG_LEVEL", help="[default: info]"),
         click.option("--log-format", type=click.Choice(["json", "text"]),

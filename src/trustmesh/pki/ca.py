@@ -249,6 +249,7 @@ class IssuanceRequest:
     validity: timedelta
     names: RequestedNames
     path_length: int | None = None
+    public_key: object = None  # the CSR's key, when the caller already extracted it
 
 
 def plan_validity(
@@ -334,7 +335,7 @@ def issue_certificate(
     template = request.template
     names = request.names
     subject = request.csr.subject
-    public_key = request.csr.public_key()
+    public_key = request.public_key or request.csr.public_key()
 
     if template.is_ca:
         issuer_plen = authority.path_length

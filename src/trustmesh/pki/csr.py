@@ -18,6 +18,7 @@ __all__ = [
     "RequestedNames",
     "check_public_key",
     "load_csr",
+    "load_csr_and_key",
     "validate_dns_name",
     "validate_uri",
 ]
@@ -30,6 +31,11 @@ _MAX_CSR_BYTES = 64 * 1024
 
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     """Parse a PEM or DER CSR and check its self-signature and its key."""
+    return load_csr_and_key(data)[0]
+
+
+def load_csr_and_key(data: bytes) -> tuple[x509.CertificateSigningRequest, object]:
+    """``load_csr``, also returning the CSR's public key (extracting it is not free)."""
     if not data or not data.strip():
         raise InvalidInput("the CSR is empty", field="csr")
     if len(data) > _MAX_CSR_BYTES:
@@ -65,7 +71,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     except Exception as exc:
         raise InvalidInput(f"unsupported public key in the CSR: {exc}", field="csr") from None
     check_public_key(key)
-    return csr
+    return csr, key
 
 
 def check_public_key(key: object) -> None:

@@ -20,6 +20,7 @@ from trustmesh.config import parse_duration
 from trustmesh.errors import InternalError, InvalidInput, PermissionDenied, TrustmeshError
 from trustmesh.log import get_logger
 from trustmesh.server.authority import CertificateAuthority, IssueParams
+from trustmesh.server.issuance import AsyncIssuer
 from trustmesh.server.metrics import ServerMetrics
 
 __all__ = ["build_admin_app", "peer_uid"]
@@ -61,7 +62,8 @@ _ISSUE_FIELDS = {"csr", "template", "validity", "dns_names", "uris", "ip_address
                  "path_length", "idempotency_key"}
 
 
-def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics) -> web.Application:
+def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
+                    issuer: AsyncIssuer) -> web.Application:
     allowed_uids = {0, os.getuid()}
 
     @web.middleware
@@ -134,7 +136,7 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics) -> web.App
             idempotency_key=idem,
         )
         try:
-            issued = await run(ca.issue, params, request["actor"])
+            issued = await issuer.issue(params, request["actor"])
         except TrustmeshError as err:
             metrics.issue_errors.labels(err.code).inc()
             raise

@@ -19,6 +19,7 @@ from trustmesh.pki.keys import open_key_manager
 from trustmesh.server.admin_api import build_admin_app
 from trustmesh.server.authority import CertificateAuthority
 from trustmesh.server.http import build_public_app
+from trustmesh.server.issuance import AsyncIssuer, default_worker_count
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.store.datastore import Datastore
 
@@ -76,8 +77,12 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
     metrics = ServerMetrics()
     _update_gauges(ca, metrics)
 
+    workers = (config.signing_workers if config.signing_workers is not None
+               else default_worker_count())
+    issuer = AsyncIssuer(ca, workers, pool_allowed=ca.keys.name != "pkcs11")
+    await issuer.start()
     public = web.AppRunner(build_public_app(ca, metrics), access_log=None)
-    admin = web.AppRunner(build_admin_app(ca, metrics), access_log=None)
+    admin = web.AppRunner(build_admin_app(ca, metrics, issuer), access_log=None)
     await public.setup()
     await admin.setup()
     host, _, port = config.http_address.rpartition(":")
@@ -87,6 +92,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
     except OSError as exc:
         await public.cleanup()
         await admin.cleanup()
+        await issuer.close()
         raise ConfigError(f"cannot listen on {config.http_address}: {exc.strerror}",
                           field="http_address") from None
     sock_path = config.admin_socket
@@ -102,7 +108,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
         extra={"trust_domain": config.trust_domain, "http": f"http://{config.http_address}",
                "admin_socket": str(sock_path), "datastore": ca.store.redacted_url,
                "ca_id": ca.ca_id, "crl_url": ca.authority.urls.crl_url,
-               "ocsp_url": ca.authority.urls.ocsp_url},
+               "ocsp_url": ca.authority.urls.ocsp_url,
+               "signing_workers": issuer.pool.workers if issuer.pool else 0},
     )
 
     async def housekeeping() -> None:
@@ -124,6 +131,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
             await task
         await public.cleanup()
         await admin.cleanup()
+        await issuer.close()
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()
         ca.store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from trustmesh.clock import Clock
 from trustmesh.config import ServerConfig
-from trustmesh.errors import ConfigError, Conflict, InternalError, InvalidInput, NotFound
+from trustmesh.errors import (
+    ConfigError,
+    Conflict,
+    InternalError,
+    InvalidInput,
+    NotFound,
+    TrustmeshError,
+)
 from trustmesh.log import get_logger
 from trustmesh.pki.ca import (
     CaUrls,
@@ -36,7 +44,7 @@ from trustmesh.pki.ca import (
     parse_subject,
 )
 from trustmesh.pki.crl import RevocationReason, RevokedCertificate, build_crl
-from trustmesh.pki.csr import RequestedNames, load_csr
+from trustmesh.pki.csr import RequestedNames
 from trustmesh.pki.keys.base import KeyAlgorithm, KeyManager, generate_software_key
 from trustmesh.pki.ocsp import (
     CertificateStatus,
@@ -46,6 +54,7 @@ from trustmesh.pki.ocsp import (
     Status,
 )
 from trustmesh.pki.templates import get_template
+from trustmesh.server.issuance import SignItem, SignOutcome, sign_requests
 from trustmesh.server.journal import RevocationJournal
 from trustmesh.store.datastore import CertificateRecord, Datastore
 
@@ -107,12 +116,29 @@ class IssueParams:
         return h.hexdigest()
 
 
-@dataclass(frozen=True)
 class IssuedCertificate:
-    certificate: x509.Certificate
-    chain: tuple[x509.Certificate, ...]  # leaf first, trust anchor last
-    serial: str
-    reused: bool = False  # True when an idempotency key returned an earlier certificate
+    """A certificate as the API returns it; parsed only when something needs the object."""
+
+    __slots__ = ("_cert", "chain_tail", "der", "reused", "serial")
+
+    def __init__(self, der: bytes, chain_tail: tuple[x509.Certificate, ...], serial: str,
+                 reused: bool = False) -> None:
+        self.der = der
+        self.chain_tail = chain_tail  # the CA chain above the leaf, trust anchor last
+        self.serial = serial
+        self.reused = reused  # True when an idempotency key returned an earlier certificate
+        self._cert: x509.Certificate | None = None
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        if self._cert is None:
+            self._cert = x509.load_der_x509_certificate(self.der)
+        return self._cert
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """Leaf first, trust anchor last."""
+        return (self.certificate, *self.chain_tail)
 
     def to_json(self) -> dict[str, Any]:
         leaf = self.certificate
@@ -396,58 +422,116 @@ class CertificateAuthority:
         return CertificateStatus(Status.GOOD)
 
     # -- issuance ------------------------------------------------------------
-    def issue(self, params: IssueParams, actor: str) -> IssuedCertificate:
-        digest = params.digest() if params.idempotency_key else None
-        if params.idempotency_key:
-            if len(params.idempotency_key) > 256:
-                raise InvalidInput("idempotency key longer than 256 characters",
-                                   field="idempotency_key")
-            earlier = self._idempotent_hit(params.idempotency_key, digest)
-            if earlier is not None:
-                return earlier
+    def now(self) -> datetime:
+        return self.clock.now()
+
+    def check_idempotency(self, params: IssueParams) -> IssuedCertificate | None:
+        """The earlier certificate for a retried request, or None; Conflict on misuse."""
+        if not params.idempotency_key:
+            return None
+        if len(params.idempotency_key) > 256:
+            raise InvalidInput("idempotency key longer than 256 characters",
+                               field="idempotency_key")
+        return self._idempotent_hit(params.idempotency_key, params.digest())
+
+    def make_item(self, params: IssueParams) -> SignItem:
+        """Cheap checks done before any signing work, and a fresh serial."""
         template = get_template(params.template)
-        csr = load_csr(params.csr)
         validity = params.validity or min(self.config.default_validity, template.max_validity)
-        names = RequestedNames.collect(csr, params.dns_names, params.uris, params.ip_addresses)
-        request = IssuanceRequest(csr, template, validity, names, params.path_length)
-        now = self.clock.now()
-        serial_int = x509.random_serial_number()
-        cert = issue_certificate(self.authority, request, now, serial_int, self.policy)
-        serial = format(serial_int, "x")
-        sans = _sans_of(cert)
-        record = CertificateRecord(
-            serial=serial,
-            ca_id=self.ca_id,
-            subject=cert.subject.rfc4514_string(),
-            sans=sans,
+        return SignItem(
+            csr=params.csr,
             template=template.name,
-            not_before=_epoch(cert.not_valid_before_utc),
-            not_after=_epoch(cert.not_valid_after_utc),
-            der=cert.public_bytes(serialization.Encoding.DER),
+            validity_seconds=validity.total_seconds(),
+            dns_names=params.dns_names,
+            uris=params.uris,
+            ip_addresses=params.ip_addresses,
+            path_length=params.path_length,
+            serial=x509.random_serial_number(),
+        )
+
+    def issue(self, params: IssueParams, actor: str) -> IssuedCertificate:
+        """Issue one certificate in this process (the server batches; see issuance.py)."""
+        earlier = self.check_idempotency(params)
+        if earlier is not None:
+            return earlier
+        item = self.make_item(params)
+        outcome = sign_requests(self.authority, self.policy, [item], self.clock.now())[0]
+        result = self.record_signed([(item, (params, actor), outcome)])[0]
+        if isinstance(result, TrustmeshError):
+            raise result
+        return result
+
+    def record_signed(
+        self, entries: Sequence[tuple[SignItem, tuple[IssueParams, str], SignOutcome]]
+    ) -> list[IssuedCertificate | TrustmeshError]:
+        """Store a batch of signed certificates (one transaction) with their audit events."""
+        results: list[IssuedCertificate | TrustmeshError | None] = [None] * len(entries)
+        to_store: list[tuple[int, CertificateRecord, dict[str, Any]]] = []
+        created_at = _epoch(self.clock.now())
+        for i, (item, (params, actor), outcome) in enumerate(entries):
+            if outcome.error is not None:
+                try:
+                    outcome.raise_error()
+                except TrustmeshError as err:
+                    results[i] = err
+                continue
+            record, details = self._record_for(outcome, item, params, actor, created_at)
+            to_store.append((i, record, details))
+        if to_store:
+            try:
+                self.store.insert_certificates([t[1] for t in to_store],
+                                               [t[2] for t in to_store])
+                stored = [(i, rec) for i, rec, _ in to_store]
+            except Conflict:
+                stored = []  # a duplicate idempotency key in the batch: store one by one
+                for i, rec, details in to_store:
+                    try:
+                        self.store.insert_certificates([rec], [details])
+                        stored.append((i, rec))
+                    except Conflict as err:
+                        params = entries[i][1][0]
+                        try:
+                            earlier = self.check_idempotency(params)
+                        except TrustmeshError as conflict:
+                            results[i] = conflict
+                            continue
+                        results[i] = earlier if earlier is not None else err
+            chain = self.chain
+            for i, rec in stored:
+                results[i] = IssuedCertificate(rec.der, chain, rec.serial)
+            if log.isEnabledFor(logging.INFO):
+                log.info("issued certificates", extra={
+                    "count": len(stored), "serials": [rec.serial for _, rec in stored[:64]],
+                    "templates": sorted({rec.template for _, rec in stored})})
+        return [r if r is not None else InternalError("issuance produced no result")
+                for r in results]
+
+    def _record_for(self, outcome: SignOutcome, item: SignItem, params: IssueParams,
+                    actor: str, created_at: int) -> tuple[CertificateRecord, dict[str, Any]]:
+        assert outcome.der is not None
+        record = CertificateRecord(
+            serial=format(item.serial, "x"),
+            ca_id=self.ca_id,
+            subject=outcome.subject,
+            sans=outcome.sans,
+            template=item.template,
+            not_before=outcome.not_before,
+            not_after=outcome.not_after,
+            der=outcome.der,
             requested_by=actor,
-            created_at=_epoch(now),
+            created_at=created_at,
             idempotency_key=params.idempotency_key,
-            request_digest=digest,
+            request_digest=params.digest() if params.idempotency_key else None,
         )
         details = {
             "subject": record.subject,
-            "sans": list(sans),
-            "template": template.name,
-            "not_before": cert.not_valid_before_utc.isoformat(),
-            "not_after": cert.not_valid_after_utc.isoformat(),
+            "sans": list(record.sans),
+            "template": item.template,
+            "not_before": _from_epoch(record.not_before).isoformat(),
+            "not_after": _from_epoch(record.not_after).isoformat(),
             "ca_id": self.ca_id,
         }
-        try:
-            self.store.insert_certificates([record], [details])
-        except Conflict:
-            if params.idempotency_key:  # a concurrent retry won the race
-                earlier = self._idempotent_hit(params.idempotency_key, digest)
-                if earlier is not None:
-                    return earlier
-            raise
-        log.info("issued certificate", extra={"serial": serial, "template": template.name,
-                                              "actor": actor, "sans": list(sans)})
-        return IssuedCertificate(cert, (cert, *self.chain), serial)
+        return record, details
 
     def _idempotent_hit(self, key: str, digest: str | None) -> IssuedCertificate | None:
         record = self.store.find_by_idempotency_key(key)
@@ -458,8 +542,7 @@ class CertificateAuthority:
                 f"idempotency key {key!r} was already used for a different request",
                 field="idempotency_key",
             )
-        cert = x509.load_der_x509_certificate(record.der)
-        return IssuedCertificate(cert, (cert, *self.chain), record.serial, reused=True)
+        return IssuedCertificate(record.der, self.chain, record.serial, reused=True)
 
     # -- revocation ----------------------------------------------------------
     def revoke(self, serial_text: str, reason_text: str, actor: str) -> CertificateRecord:
@@ -580,26 +663,6 @@ class CertificateAuthority:
                 **ev.details,
             })
         return out
-
-
-def _sans_of(cert: x509.Certificate) -> tuple[str, ...]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return ()
-    out: list[str] = []
-    for gn in san:
-        if isinstance(gn, x509.DNSName):
-            out.append(f"DNS:{gn.value}")
-        elif isinstance(gn, x509.UniformResourceIdentifier):
-            out.append(f"URI:{gn.value}")
-        elif isinstance(gn, x509.IPAddress):
-            out.append(f"IP:{gn.value}")
-        elif isinstance(gn, x509.RFC822Name):
-            out.append(f"email:{gn.value}")
-        else:  # pragma: no cover - issue_certificate only writes the kinds above
-            raise InternalError(f"unexpected SAN {gn!r}")
-    return tuple(out)
 
 
 def chain_pem(certs: Sequence[x509.Certificate]) -> str:

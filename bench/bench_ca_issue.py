@@ -1,0 +1,178 @@
+"""Issuance throughput: trustmesh's API path vs the raw `cryptography` signing floor.
+
+floor   build and sign the same end-entity certificate with `cryptography` in a
+        tight loop, on one core (no CSR, no checks, no storage).
+ours    the server's issuance path as the admin API drives it: idempotency
+        check, CSR parse and signature check, key and SAN validation, template,
+        signing in the worker pool, and the datastore write (SQLite, one
+        transaction per batch, synchronous=FULL) with the audit event.
+
+Run:  .venv/bin/python bench/bench_ca_issue.py [--requests 6000] [--output json]
+Smoke (CI): .venv/bin/python bench/bench_ca_issue.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+
+from trustmesh.clock import SystemClock
+from trustmesh.config import ServerConfig
+from trustmesh.pki.keys.memory import MemoryKeyManager
+from trustmesh.server.authority import CertificateAuthority, IssueParams
+from trustmesh.server.issuance import AsyncIssuer, default_worker_count
+from trustmesh.store.datastore import Datastore
+
+
+def floor_rate(seconds: float, ca: CertificateAuthority) -> tuple[float, int]:
+    """Certificates per second that `cryptography` alone builds and signs on one core."""
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    issuer = ca.authority.certificate
+    key = ca.authority.key
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "svc.internal")])
+    aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+        issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value)
+    now = datetime.now(UTC)
+    count = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(50):
+            (
+                x509.CertificateBuilder()
+                .subject_name(name)
+                .issuer_name(issuer.subject)
+                .public_key(leaf_key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now)
+                .not_valid_after(now + timedelta(hours=24))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(True, False, False, False, False, False, False,
+                                             False, False), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                      ExtendedKeyUsageOID.CLIENT_AUTH]),
+                               critical=False)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("svc.internal")]),
+                               critical=False)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()),
+                               critical=False)
+                .add_extension(aki, critical=False)
+                .add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+                    [x509.UniformResourceIdentifier("http://127.0.0.1:8080/crl/x.crl")],
+                    None, None, None)]), critical=False)
+                .add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+                    AuthorityInformationAccessOID.OCSP,
+                    x509.UniformResourceIdentifier("http://127.0.0.1:8080/ocsp"))]),
+                    critical=False)
+                .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+            )
+            count += 1
+    return count / (time.perf_counter() - start), count
+
+
+def make_csrs(n: int) -> list[bytes]:
+    out = []
+    for i in range(n):
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                           f"svc{i}.internal")]))
+               .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"svc{i}.internal")]),
+                              critical=False)
+               .sign(key, hashes.SHA256()))
+        out.append(csr.public_bytes(serialization.Encoding.PEM))
+    return out
+
+
+async def ours_rate(ca: CertificateAuthority, workers: int, requests: int,
+                    concurrency: int, csrs: list[bytes]) -> float:
+    issuer = AsyncIssuer(ca, workers)
+    await issuer.start()
+    try:
+        sem = asyncio.Semaphore(concurrency)
+        failures = 0
+
+        async def one(i: int) -> None:
+            nonlocal failures
+            async with sem:
+                try:
+                    await issuer.issue(IssueParams(csr=csrs[i % len(csrs)],
+                                                   template="end-entity"), "bench")
+                except Exception:
+                    failures += 1
+
+        # warm-up (imports, first transaction) outside the timing
+        await asyncio.gather(*(one(i) for i in range(min(200, requests))))
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(requests)))
+        elapsed = time.perf_counter() - start
+        if failures:
+            raise SystemExit(f"{failures} issuance requests failed")
+        return requests / elapsed
+    finally:
+        await issuer.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=6000)
+    ap.add_argument("--concurrency", type=int, default=512)
+    ap.add_argument("--floor-seconds", type=float, default=3.0)
+    ap.add_argument("--workers", type=int, default=None, help="default: one per core")
+    ap.add_argument("--smoke", action="store_true", help="tiny run for CI")
+    ap.add_argument("--output", choices=["text", "json"], default="text")
+    args = ap.parse_args()
+    if args.smoke:
+        args.requests, args.floor_seconds, args.concurrency = 200, 0.3, 64
+    workers = default_worker_count() if args.workers is None else args.workers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = ServerConfig(data_dir=Path(tmp))
+        store = Datastore(config.datastore_url)
+        store.migrate()
+        ca = CertificateAuthority(config, store, MemoryKeyManager(), SystemClock())
+        floor, _ = floor_rate(args.floor_seconds, ca)
+        csrs = make_csrs(64)
+        ours_pool = asyncio.run(ours_rate(ca, workers, args.requests, args.concurrency, csrs))
+        ours_single = asyncio.run(ours_rate(ca, 0, max(100, args.requests // 4),
+                                            args.concurrency, csrs))
+        stored = store.count_certificates()
+        store.close()
+
+    result = {
+        "floor_per_s_one_core": round(floor, 1),
+        "ours_per_s": round(ours_pool, 1),
+        "ours_workers": workers,
+        "ours_per_s_in_process": round(ours_single, 1),
+        "ratio_ours_to_floor": round(ours_pool / floor, 3),
+        "ratio_in_process_to_floor": round(ours_single / floor, 3),
+        "target_ratio": 0.5,
+        "requests": args.requests,
+        "certificates_stored": stored,
+        "smoke": args.smoke,
+    }
+    if args.output == "json":
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print(f"floor (cryptography, 1 core):      {floor:9.1f} certs/s")
+        print(f"trustmesh, {workers} signing workers:     {ours_pool:9.1f} certs/s  "
+              f"ratio {ours_pool / floor:.2f} (target >= 0.50)")
+        print(f"trustmesh, in-process signing:     {ours_single:9.1f} certs/s  "
+              f"ratio {ours_single / floor:.2f}")
+        print(f"certificates stored: {stored}")
+
+
+if __name__ == "__main__":
+    main()
