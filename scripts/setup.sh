@@ -16,6 +16,7 @@ if [ "$with_test" = 1 ]; then
   command -v nft >/dev/null || missing+=(nftables)
   command -v ip >/dev/null || missing+=(iproute2)
   command -v setpriv >/dev/null || missing+=(util-linux)
+  command -v ab >/dev/null || missing+=(apache2-utils)
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing system packages: ${missing[*]}" >&2
     SUDO=""

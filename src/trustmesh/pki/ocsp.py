@@ -114,8 +114,15 @@ Lookup = Callable[[str, int], CertificateStatus]
 class OcspResponder:
     """Answers OCSP requests for a fixed set of CAs; build a new one when they change."""
 
-    def __init__(self, identities: Sequence[ResponderIdentity], validity: timedelta) -> None:
+    def __init__(self, identities: Sequence[ResponderIdentity], validity: timedelta,
+                 *, cache_size: int = 10000) -> None:
         self._validity = validity
+        # Signed answers to nonce-less requests (RFC 5019), reused while the status
+        # is unchanged and the answer is young; the status is always looked up anew.
+        self._cache: dict[tuple[str, bytes, bytes, int], tuple[CertificateStatus, datetime,
+                                                                bytes]] = {}
+        self._cache_size = cache_size
+        self._reuse_for = validity / 4
         self._by_hash: dict[tuple[str, bytes, bytes], ResponderIdentity] = {}
         for ident in identities:
             for alg in _HASHES:
@@ -142,6 +149,11 @@ class OcspResponder:
         if ident is None:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, "unauthorized", serial)
         status = lookup(ident.ca_id, serial)
+        cache_key = (alg.name, name_hash, key_hash, serial)
+        if nonce is None:
+            hit = self._cache.get(cache_key)
+            if hit is not None and hit[0] == status and now - hit[1] < self._reuse_for:
+                return OcspAnswer(hit[2], status.status.value, serial)
         cert_status = {
             Status.GOOD: ocsp.OCSPCertStatus.GOOD,
             Status.REVOKED: ocsp.OCSPCertStatus.REVOKED,
@@ -174,9 +186,12 @@ class OcspResponder:
 
         key = ident.responder_key
         response = builder.sign(key, signature_hash_for(key))  # type: ignore[arg-type]
-        return OcspAnswer(
-            response.public_bytes(serialization.Encoding.DER), status.status.value, serial
-        )
+        der = response.public_bytes(serialization.Encoding.DER)
+        if nonce is None:
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[cache_key] = (status, now, der)
+        return OcspAnswer(der, status.status.value, serial)
 
     @staticmethod
     def _nonce(req: ocsp.OCSPRequest) -> bytes | None | bool:

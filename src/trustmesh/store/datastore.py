@@ -112,6 +112,7 @@ class Datastore:
                 field="datastore",
             )
         self._write_lock = threading.Lock()  # SQLite allows one writer; avoid busy loops
+        self._local = threading.local()
         try:
             if self.dialect == "sqlite":
                 self.engine: Engine = create_engine(
@@ -313,17 +314,47 @@ class Datastore:
             return [_row_to_cert(r) for r in rows]
 
     def certificate_status(self, serial: str) -> tuple[str, str, int | None, str | None] | None:
-        """(ca_id, status, revoked_at, reason) of a serial, or None if never issued."""
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(
-                    m.certificates.c.ca_id,
-                    m.certificates.c.status,
-                    m.certificates.c.revoked_at,
-                    m.certificates.c.revocation_reason,
-                ).where(m.certificates.c.serial == serial)
-            ).first()
-        return (row.ca_id, row.status, row.revoked_at, row.revocation_reason) if row else None
+        """(ca_id, status, revoked_at, reason) of a serial, or None if never issued.
+
+        This is the OCSP hot path: it runs one prepared statement on a connection
+        kept per thread, and always reads committed data, so a revocation made by
+        any server replica shows at once.
+        """
+        for attempt in (1, 2):
+            conn = self._status_connection()
+            try:
+                cur = conn.cursor()
+                cur.execute(self._status_sql, (serial,))
+                row = cur.fetchone()
+                cur.close()
+                if self.dialect == "postgresql":
+                    conn.rollback()  # never leave the connection idle in a transaction
+                return (row[0], row[1], row[2], row[3]) if row else None
+            except Exception as exc:
+                self._drop_status_connection()
+                if attempt == 2:
+                    raise Unavailable(f"datastore read failed: {exc}") from None
+        return None  # pragma: no cover - the loop returns or raises
+
+    @property
+    def _status_sql(self) -> str:
+        return _STATUS_SQL_SQLITE if self.dialect == "sqlite" else _STATUS_SQL_PG
+
+    def _status_connection(self) -> Any:
+        conn = getattr(self._local, "raw", None)
+        if conn is None:
+            conn = self.engine.raw_connection()
+            self._local.raw = conn
+        return conn
+
+    def _drop_status_connection(self) -> None:
+        conn = getattr(self._local, "raw", None)
+        self._local.raw = None
+        if conn is not None:
+            try:
+                conn.invalidate()
+            except Exception:  # noqa: S110 - it is being thrown away
+                pass
 
     # -- CRLs ----------------------------------------------------------------
     def store_crl(self, ca_id: str, *, this_update: int, next_update: int,
@@ -368,6 +399,12 @@ class Datastore:
                 AuditEvent(r.id, r.at, r.actor, r.action, r.serial, json.loads(r.details))
                 for r in conn.execute(q)
             ]
+
+
+_STATUS_SQL_SQLITE = (
+    "SELECT ca_id, status, revoked_at, revocation_reason FROM certificates WHERE serial = ?")
+_STATUS_SQL_PG = (
+    "SELECT ca_id, status, revoked_at, revocation_reason FROM certificates WHERE serial = %s")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

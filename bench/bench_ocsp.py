@@ -1,0 +1,232 @@
+"""OCSP responses per second: the trustmesh server vs `openssl ocsp` as a responder.
+
+Both answer for the same certificates (issued by a running trustmesh server,
+some of them revoked), both sign with a delegated P-256 responder certificate,
+and both are driven by the same load generator (ApacheBench: a new connection
+per request, as openssl's HTTP/1.0 responder requires; same request body, same
+concurrency) in the same run. Two request mixes:
+
+  nonce     every request carries a fresh-looking nonce (openssl's client default):
+            every response must be signed anew.
+  no-nonce  RFC 5019 style requests (what browsers and most TLS stacks send):
+            a responder may serve a pre-signed response.
+
+Run:  .venv/bin/python bench/bench_ocsp.py [--seconds 5] [--output json]
+Smoke (CI): .venv/bin/python bench/bench_ocsp.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import NameOID
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited early with {proc.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not come up")
+
+
+def csr_pem(cn: str) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM), key
+
+
+def run_ab(url: str, body: Path, requests: int, concurrency: int) -> dict[str, float]:
+    """ApacheBench: a new connection per request (openssl's responder speaks HTTP/1.0)."""
+    ab = shutil.which("ab")
+    if ab is None:
+        raise SystemExit("ab is not installed: run scripts/setup.sh --test "
+                         "(Debian package apache2-utils)")
+    out = subprocess.run(
+        [ab, "-q", "-r", "-n", str(requests), "-c", str(concurrency), "-p", str(body),
+         "-T", "application/ocsp-request", url],
+        capture_output=True, text=True, timeout=600, check=True).stdout
+    rps = float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    complete = int(re.search(r"Complete requests:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
+    exceptions = re.search(r"Failed requests:\s+(\d+)\n\s+\(Connect: (\d+), Receive: (\d+)",
+                           out)
+    hard_failures = sum(int(g) for g in exceptions.groups()[1:]) if exceptions else 0
+    return {"rps": rps, "complete": complete, "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "connect_or_receive_failures": hard_failures}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--certs", type=int, default=40)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--output", choices=["text", "json"], default="text")
+    args = ap.parse_args()
+    if args.smoke:
+        args.requests, args.certs, args.concurrency = 300, 6, 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ocsp-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        port = free_port()
+        data = tmp / "server"
+        srv = subprocess.Popen(
+            [str(VENV_BIN / "trustmesh"), "server", "run", "--data-dir", str(data),
+             "--http-address", f"127.0.0.1:{port}", "--key-manager", "memory",
+             "--signing-workers", "0", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "wb"))  # noqa: SIM115
+        procs.append(srv)
+        wait_http(f"http://127.0.0.1:{port}/ocsp", srv)
+        admin = httpx.Client(transport=httpx.HTTPTransport(uds=str(data / "admin.sock")),
+                             base_url="http://x", timeout=30)
+
+        def issue(cn: str, template: str) -> tuple[list[x509.Certificate], ec.EllipticCurvePrivateKey]:
+            pem, key = csr_pem(cn)
+            r = admin.post("/v1/certificates", json={"csr": pem.decode(), "template": template,
+                                                     "dns_names": [] if template ==
+                                                     "ocsp-signing" else [cn]})
+            r.raise_for_status()
+            return x509.load_pem_x509_certificates(r.json()["chain_pem"].encode()), key
+
+        leaves: list[x509.Certificate] = []
+        issuer = None
+        for i in range(args.certs):
+            chain, _ = issue(f"svc{i}.internal", "end-entity")
+            leaves.append(chain[0])
+            issuer = chain[1]
+        assert issuer is not None
+        revoked = leaves[::4]
+        for cert in revoked:
+            admin.post(f"/v1/certificates/{format(cert.serial_number, 'x')}/revoke",
+                       json={"reason": "key-compromise"}).raise_for_status()
+
+        # openssl's responder: its own delegated responder certificate from the same CA.
+        rchain, rkey = issue("openssl OCSP responder", "ocsp-signing")
+        (tmp / "rsigner.pem").write_bytes(rchain[0].public_bytes(serialization.Encoding.PEM))
+        (tmp / "rkey.pem").write_bytes(rkey.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        os.chmod(tmp / "rkey.pem", 0o600)
+        (tmp / "ca.pem").write_bytes(issuer.public_bytes(serialization.Encoding.PEM))
+        revoked_serials = {c.serial_number for c in revoked}
+        lines = []
+        for cert in leaves:
+            exp = cert.not_valid_after_utc.strftime("%y%m%d%H%M%SZ")
+            serial = format(cert.serial_number, "X")
+            serial = serial if len(serial) % 2 == 0 else "0" + serial
+            subj = "/CN=" + cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            if cert.serial_number in revoked_serials:
+                rev = time.strftime("%y%m%d%H%M%SZ", time.gmtime()) + ",keyCompromise"
+                lines.append(f"R\t{exp}\t{rev}\t{serial}\tunknown\t{subj}")
+            else:
+                lines.append(f"V\t{exp}\t\t{serial}\tunknown\t{subj}")
+        (tmp / "index.txt").write_text("\n".join(lines) + "\n")
+        oport = free_port()
+        osrv = subprocess.Popen(
+            ["openssl", "ocsp", "-index", str(tmp / "index.txt"), "-port", str(oport),
+             "-rsigner", str(tmp / "rsigner.pem"), "-rkey", str(tmp / "rkey.pem"),
+             "-CA", str(tmp / "ca.pem"), "-nmin", "60", "-ignore_err"],
+            stdout=subprocess.DEVNULL, stderr=open(tmp / "openssl.log", "wb"))  # noqa: SIM115
+        procs.append(osrv)
+        wait_http(f"http://127.0.0.1:{oport}/", osrv)
+
+        def request(cert: x509.Certificate, nonce: bool, i: int) -> bytes:
+            b = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())  # noqa: S303
+            if nonce:
+                b = b.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
+            return b.build().public_bytes(serialization.Encoding.DER)
+
+        # Same answers from both before measuring anything.
+        for cert in leaves[:4]:
+            body = request(cert, True, 0)
+            answers = []
+            for url in (f"http://127.0.0.1:{port}/ocsp", f"http://127.0.0.1:{oport}/"):
+                r = httpx.post(url, content=body,
+                               headers={"Content-Type": "application/ocsp-request"})
+                resp = ocsp.load_der_ocsp_response(r.content)
+                answers.append(resp.certificate_status)
+            assert answers[0] == answers[1], answers
+            expected = (ocsp.OCSPCertStatus.REVOKED if cert.serial_number in revoked_serials
+                        else ocsp.OCSPCertStatus.GOOD)
+            assert answers[0] == expected
+
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        for mix in ("nonce", "no-nonce"):
+            body = tmp / f"{mix}.der"
+            body.write_bytes(request(leaves[1], mix == "nonce", 0))
+            results[mix] = {
+                "trustmesh": run_ab(f"http://127.0.0.1:{port}/ocsp", body, args.requests,
+                                    args.concurrency),
+                "openssl": run_ab(f"http://127.0.0.1:{oport}/", body, args.requests,
+                                  args.concurrency),
+            }
+        admin.close()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = {
+        mix: {
+            "trustmesh_rps": r["trustmesh"]["rps"],
+            "openssl_rps": r["openssl"]["rps"],
+            "ratio": round(r["trustmesh"]["rps"] / max(r["openssl"]["rps"], 1e-9), 2),
+            "trustmesh_failures": r["trustmesh"]["non_2xx"]
+            + r["trustmesh"]["connect_or_receive_failures"],
+            "openssl_failures": r["openssl"]["non_2xx"]
+            + r["openssl"]["connect_or_receive_failures"],
+        }
+        for mix, r in results.items()
+    }
+    summary["target_ratio"] = 1.0  # type: ignore[assignment]
+    summary["smoke"] = args.smoke  # type: ignore[assignment]
+    if args.output == "json":
+        json.dump(summary, sys.stdout, indent=2)
+        print()
+        return
+    for mix, r in results.items():
+        ours, theirs = r["trustmesh"]["rps"], r["openssl"]["rps"]
+        print(f"{mix:9} trustmesh {ours:9.1f} req/s   openssl ocsp {theirs:9.1f} req/s   "
+              f"ratio {ours / max(theirs, 1e-9):.2f} (target >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
