@@ -113,7 +113,8 @@ def main() -> None:
         admin = httpx.Client(transport=httpx.HTTPTransport(uds=str(data / "admin.sock")),
                              base_url="http://x", timeout=30)
 
-        def issue(cn: str, template: str) -> tuple[list[x509.Certificate], ec.EllipticCurvePrivateKey]:
+        def issue(cn: str, template: str
+                  ) -> tuple[list[x509.Certificate], ec.EllipticCurvePrivateKey]:
             pem, key = csr_pem(cn)
             r = admin.post("/v1/certificates", json={"csr": pem.decode(), "template": template,
                                                      "dns_names": [] if template ==

@@ -1,0 +1,38 @@
+"""The CA benchmarks run end to end in their short smoke mode (figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run_bench(name: str) -> dict[str, object]:
+    proc = subprocess.run([sys.executable, str(BENCH / name), "--smoke", "--output", "json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_issuance_benchmark_smoke() -> None:
+    out = run_bench("bench_ca_issue.py")
+    assert out["smoke"] is True
+    assert float(out["floor_per_s_one_core"]) > 0 and float(out["ours_per_s"]) > 0
+    # every request of both runs (and the warm-ups) was stored
+    assert int(out["certificates_stored"]) >= int(out["requests"])
+
+
+@pytest.mark.slow
+def test_ocsp_benchmark_smoke() -> None:
+    out = run_bench("bench_ocsp.py")
+    for mix in ("nonce", "no-nonce"):
+        figures = out[mix]
+        assert isinstance(figures, dict)
+        assert figures["trustmesh_rps"] > 0 and figures["openssl_rps"] > 0
+        assert figures["trustmesh_failures"] == 0
