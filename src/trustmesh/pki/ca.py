@@ -77,7 +77,7 @@ def parse_subject(text: str) -> x509.Name:
         "ST": NameOID.STATE_OR_PROVINCE_NAME,
         "SERIALNUMBER": NameOID.SERIAL_NUMBER,
     }
-    rdns: list[x509.NameAttribute] = []
+    rdns: list[x509.NameAttribute[str]] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue

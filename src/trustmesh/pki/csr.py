@@ -10,7 +10,6 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
-from cryptography.x509.oid import ExtensionOID
 
 from trustmesh.errors import InvalidInput
 
@@ -188,7 +187,7 @@ class RequestedNames:
         csr_ips: list[str] = []
         csr_emails: list[str] = []
         try:
-            san = csr.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         except x509.ExtensionNotFound:
             san = None
         except ValueError as exc:

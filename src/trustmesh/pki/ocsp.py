@@ -142,8 +142,8 @@ class OcspResponder:
             # Garbage, a truncated request, several CertIDs (unsupported), or an
             # unknown hash algorithm: all of them are malformed for us.
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformedRequest")
-        nonce = self._nonce(req)
-        if nonce is False:
+        nonce_ok, nonce = self._nonce(req)
+        if not nonce_ok:
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformedRequest")
         ident = self._by_hash.get((alg.name, name_hash, key_hash))
         if ident is None:
@@ -185,7 +185,7 @@ class OcspResponder:
         from trustmesh.pki.ca import signature_hash_for
 
         key = ident.responder_key
-        response = builder.sign(key, signature_hash_for(key))  # type: ignore[arg-type]
+        response = builder.sign(key, signature_hash_for(key))
         der = response.public_bytes(serialization.Encoding.DER)
         if nonce is None:
             if len(self._cache) >= self._cache_size:
@@ -194,18 +194,18 @@ class OcspResponder:
         return OcspAnswer(der, status.status.value, serial)
 
     @staticmethod
-    def _nonce(req: ocsp.OCSPRequest) -> bytes | None | bool:
-        """The request's nonce, None without one, False when it is unacceptable."""
+    def _nonce(req: ocsp.OCSPRequest) -> tuple[bool, bytes | None]:
+        """(acceptable, nonce): the nonce is None when the request has none."""
         try:
             ext = req.extensions.get_extension_for_class(x509.OCSPNonce)
         except x509.ExtensionNotFound:
-            return None
+            return True, None
         except Exception:
-            return False
+            return False, None
         nonce = ext.value.nonce
         if not nonce or len(nonce) > MAX_NONCE_BYTES:
-            return False
-        return nonce
+            return False, None
+        return True, nonce
 
 
 def _unsuccessful(

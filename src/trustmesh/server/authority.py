@@ -552,9 +552,11 @@ class CertificateAuthority:
         if record.status == "revoked":
             raise Conflict(f"certificate {serial} is already revoked", field="serial")
         now = self.clock.now()
-        entry = {"serial": serial, "at": _epoch(now), "reason": reason.value, "actor": actor,
-                 "details": {"subject": record.subject, "sans": list(record.sans),
-                             "reason": reason.value}}
+        entry: dict[str, Any] = {
+            "serial": serial, "at": _epoch(now), "reason": reason.value, "actor": actor,
+            "details": {"subject": record.subject, "sans": list(record.sans),
+                        "reason": reason.value},
+        }
         # Durable first: the journal, then the datastore, then CRL and OCSP change.
         self.journal.append(entry)
         with self._lock:
