@@ -137,6 +137,14 @@ class ServerConfig(BaseModel):
     def _duration(cls, v: Any) -> timedelta:
         return parse_duration(v)
 
+    @field_validator("ca_key_algorithm")
+    @classmethod
+    def _algorithm(cls, v: str) -> str:
+        allowed = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+        if v.lower() not in allowed:
+            raise ValueError(f"unknown key algorithm {v!r}; use one of {', '.join(allowed)}")
+        return v.lower()
+
     @field_validator("trust_domain")
     @classmethod
     def _trust_domain(cls, v: str) -> str:
@@ -183,9 +191,15 @@ class ServerConfig(BaseModel):
         try:
             return cls.model_validate(merged)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "config"
-            raise ConfigError(first["msg"], field=loc) from None
+            problems = []
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"]) or "config"
+                msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+                problems.append(f"{loc}: {msg}")
+            first_loc = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
+            if len(problems) == 1:
+                raise ConfigError(problems[0].split(": ", 1)[1], field=first_loc) from None
+            raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -208,4 +222,12 @@ def load_config_file(path: Path) -> dict[str, Any]:
     # Accept both "data-dir" and "data_dir", and a [server] table.
     if "server" in data and isinstance(data["server"], dict) and len(data) == 1:
         data = data["server"]
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return _normalize_keys(data)
+
+
+def _normalize_keys(data: dict[Any, Any]) -> dict[str, Any]:
+    """``data-dir`` and ``data_dir`` are the same key, at every level."""
+    return {
+        str(k).replace("-", "_"): _normalize_keys(v) if isinstance(v, dict) else v
+        for k, v in data.items()
+    }

@@ -163,6 +163,9 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
             raise InvalidInput("must be a string", field="reason")
         rec = await run(ca.revoke, request.match_info["serial"], reason, request["actor"])
         metrics.revoked.labels(rec.revocation_reason or "unspecified").inc()
+        latest = await run(ca.store.latest_crl, ca.ca_id)
+        if latest is not None:
+            metrics.crl_number.labels(ca.ca_id).set(latest.number)
         return web.json_response({
             "serial": rec.serial, "status": rec.status, "revoked_at": rec.revoked_at,
             "reason": rec.revocation_reason,
