@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -67,19 +68,29 @@ def test_files_and_socket_are_private(start_server: Callable[..., ServerProcess]
     assert "PRIVATE KEY" not in log
 
 
-def test_admin_socket_refuses_other_users(start_server: Callable[..., ServerProcess],
-                                          tmp_path: Path) -> None:
-    srv = start_server()
-    # Let "nobody" reach the socket file, so that the server's own check is what refuses.
-    os.chmod(tmp_path, 0o755)
-    os.chmod(srv.data_dir, 0o755)
-    os.chmod(srv.socket, 0o666)
-    proc = srv.cli("ca", "show", user="nobody")
-    assert proc.returncode == 5, proc.stderr
-    assert "may not use the admin socket" in proc.stderr
-    os.chmod(srv.socket, 0o600)
-    proc = srv.cli("ca", "show", user="nobody")
-    assert proc.returncode == 5 and "permission denied" in proc.stderr.lower()
+def test_admin_socket_refuses_other_users() -> None:
+    # A data directory that "nobody" can traverse, so that the server's own peer
+    # check (SO_PEERCRED) is what refuses when the socket itself is opened up.
+    base = Path(tempfile.mkdtemp(prefix="tm-peer-"))
+    os.chmod(base, 0o755)
+    srv = ServerProcess(base / "server")
+    try:
+        srv.start()
+        os.chmod(srv.data_dir, 0o755)
+        os.chmod(srv.socket, 0o666)
+        proc = srv.cli("ca", "show", user="nobody")
+        assert proc.returncode == 5, proc.stderr
+        assert "may not use the admin socket" in proc.stderr
+        os.chmod(srv.socket, 0o600)  # as the server leaves it: the kernel refuses first
+        proc = srv.cli("ca", "show", user="nobody")
+        assert proc.returncode == 5 and "permission denied" in proc.stderr.lower()
+        os.chmod(srv.data_dir, 0o700)
+        proc = srv.cli("ca", "show", user="nobody")
+        assert proc.returncode == 5 and "permission denied" in proc.stderr.lower()
+        assert srv.cli("ca", "show").returncode == 0  # root still gets in
+    finally:
+        srv.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_sigkill_during_issuance_leaves_a_consistent_datastore(

@@ -18,7 +18,7 @@ def socket_option(fn: Any) -> Any:
     return click.option(
         "--socket",
         "socket_path",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.Path(dir_okay=False, path_type=Path, readable=False),
         envvar="TRUSTMESH_ADMIN_SOCKET",
         default=None,
         help="Admin socket of the server  [default: $TRUSTMESH_HOME/server/admin.sock]",
@@ -35,7 +35,13 @@ class AdminClient:
         )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        if not self.socket_path.exists():
+        try:
+            present = self.socket_path.exists()
+        except PermissionError:
+            raise PermissionDenied(
+                f"cannot reach {self.socket_path}: permission denied (the admin socket is "
+                "for root and the server's user only)") from None
+        if not present:
             raise Unavailable(
                 f"no admin socket at {self.socket_path}: is `trustmesh server run` running "
                 "with this data directory? (set --socket or TRUSTMESH_ADMIN_SOCKET)"
