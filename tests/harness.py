@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography import x509
+from cryptography.x509.oid import AuthorityInformationAccessOID
 
 VENV_BIN = Path(sys.executable).parent
 TRUSTMESH = str(VENV_BIN / "trustmesh")
@@ -127,3 +130,50 @@ class ServerProcess:
     def cli_json(self, *args: str) -> Any:
         proc = self.cli(*args, "--output", "json", check=True)
         return json.loads(proc.stdout)
+
+
+# -- CA helpers shared by the integration tests --------------------------------
+
+
+def make_csr(tmp: Path, name: str, *, key: str = "ec", subj: str = "/CN=web.internal",
+             extra: tuple[str, ...] = ()) -> Path:
+    csr = tmp / f"{name}.csr"
+    keyfile = tmp / f"{name}.key"
+    if key == "ec":
+        newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    elif key.startswith("rsa"):
+        newkey = ["-newkey", key]
+    else:
+        raise ValueError(key)
+    openssl("req", "-new", *newkey, "-nodes", "-keyout", str(keyfile), "-subj", subj,
+            "-out", str(csr), *extra)
+    return csr
+
+
+def split_chain(pem: str) -> list[str]:
+    return re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", pem,
+                      flags=re.S)
+
+
+def issue(srv: ServerProcess, tmp: Path, csr: Path, *args: str) -> dict[str, object]:
+    out = srv.cli_json("ca", "issue", "--csr", str(csr), *args)
+    chain = split_chain(str(out["chain_pem"]))
+    leaf, inter, root = tmp / f"{csr.stem}.pem", tmp / "inter.pem", tmp / "root.pem"
+    leaf.write_text(chain[0])
+    inter.write_text(chain[1])
+    root.write_text(chain[-1])
+    return {**out, "leaf": leaf, "inter": inter, "root": root, "chain": chain}
+
+
+def urls_of(cert_path: Path) -> tuple[str, str]:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    dp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    crl_url = dp[0].full_name[0].value
+    aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    ocsp_url = next(a.access_location.value for a in aia
+                    if a.access_method == AuthorityInformationAccessOID.OCSP)
+    return crl_url, ocsp_url
+
+
+def audit_count(srv: ServerProcess) -> int:
+    return len(srv.cli_json("ca", "audit"))

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import httpx
 from cryptography import x509
-from test_ca_openssl import issue, make_csr
 
-from harness import ServerProcess, openssl
+from harness import ServerProcess, issue, make_csr, openssl
 
 
 def crl_number(srv: ServerProcess) -> int:

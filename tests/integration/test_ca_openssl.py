@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,53 +11,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from harness import ServerProcess, openssl
-
-
-def make_csr(tmp: Path, name: str, *, key: str = "ec", subj: str = "/CN=web.internal",
-             extra: tuple[str, ...] = ()) -> Path:
-    csr = tmp / f"{name}.csr"
-    keyfile = tmp / f"{name}.key"
-    if key == "ec":
-        newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
-    elif key.startswith("rsa"):
-        newkey = ["-newkey", key]
-    else:
-        raise ValueError(key)
-    openssl("req", "-new", *newkey, "-nodes", "-keyout", str(keyfile), "-subj", subj,
-            "-out", str(csr), *extra)
-    return csr
-
-
-def split_chain(pem: str) -> list[str]:
-    return re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", pem,
-                      flags=re.S)
-
-
-def issue(srv: ServerProcess, tmp: Path, csr: Path, *args: str) -> dict[str, object]:
-    out = srv.cli_json("ca", "issue", "--csr", str(csr), *args)
-    chain = split_chain(str(out["chain_pem"]))
-    leaf, inter, root = tmp / f"{csr.stem}.pem", tmp / "inter.pem", tmp / "root.pem"
-    leaf.write_text(chain[0])
-    inter.write_text(chain[1])
-    root.write_text(chain[-1])
-    return {**out, "leaf": leaf, "inter": inter, "root": root, "chain": chain}
-
-
-def urls_of(cert_path: Path) -> tuple[str, str]:
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    dp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
-    crl_url = dp[0].full_name[0].value
-    aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
-    ocsp_url = next(a.access_location.value for a in aia
-                    if a.access_method == AuthorityInformationAccessOID.OCSP)
-    return crl_url, ocsp_url
-
-
-def audit_count(srv: ServerProcess) -> int:
-    return len(srv.cli_json("ca", "audit"))
+from harness import ServerProcess, audit_count, issue, make_csr, openssl, split_chain, urls_of
 
 
 @pytest.fixture

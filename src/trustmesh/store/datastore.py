@@ -7,13 +7,15 @@ with its audit event) happen in one transaction each; SQLite runs with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     create_engine,
     event,
@@ -120,11 +122,19 @@ class Datastore:
                     connect_args={"check_same_thread": False, "timeout": 30},
                 )
                 event.listen(self.engine, "connect", _sqlite_pragmas)
+                event.listen(self.engine, "begin", _sqlite_begin)
             else:
                 self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise ConfigError(f"cannot open datastore {self.redacted_url}: {exc}",
                               field="datastore") from None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction (SQLite: BEGIN IMMEDIATE, taking the file's write lock)."""
+        with self._write_lock, self.engine.connect().execution_options(
+                trustmesh_write=True) as conn, conn.begin():
+            yield conn
 
     @property
     def redacted_url(self) -> str:
@@ -144,7 +154,7 @@ class Datastore:
         """Create the schema, or check that an existing one is one we understand."""
         try:
             m.metadata.create_all(self.engine)
-            with self.engine.begin() as conn:
+            with self._write() as conn:
                 version = conn.execute(select(m.schema_info.c.version)).scalar()
                 if version is None:
                     conn.execute(insert(m.schema_info).values(id=1, version=m.SCHEMA_VERSION))
@@ -164,7 +174,7 @@ class Datastore:
 
     def put_settings(self, values: dict[str, str]) -> None:
         """Write several settings in one transaction (all or nothing)."""
-        with self._write_lock, self.engine.begin() as conn:
+        with self._write() as conn:
             for key, value in values.items():
                 updated = conn.execute(
                     update(m.settings).where(m.settings.c.key == key).values(value=value)
@@ -208,7 +218,7 @@ class Datastore:
             for r, d in zip(records, actor_details, strict=True)
         ]
         try:
-            with self._write_lock, self.engine.begin() as conn:
+            with self._write() as conn:
                 conn.execute(insert(m.certificates), cert_rows)
                 conn.execute(insert(m.audit_events), audit_rows)
         except IntegrityError as exc:
@@ -248,7 +258,7 @@ class Datastore:
         self, serial: str, *, at: int, reason: str, actor: str, details: dict[str, Any]
     ) -> CertificateRecord:
         """Mark a certificate revoked and record who did it; both or neither."""
-        with self._write_lock, self.engine.begin() as conn:
+        with self._write() as conn:
             row = conn.execute(
                 select(m.certificates).where(m.certificates.c.serial == serial)
             ).first()
@@ -281,7 +291,7 @@ class Datastore:
     def apply_revocations(self, entries: Iterable[dict[str, Any]]) -> list[str]:
         """Re-apply journalled revocations the database lost; returns the serials fixed."""
         fixed: list[str] = []
-        with self._write_lock, self.engine.begin() as conn:
+        with self._write() as conn:
             for e in entries:
                 row = conn.execute(
                     select(m.certificates.c.status).where(m.certificates.c.serial == e["serial"])
@@ -364,19 +374,27 @@ class Datastore:
         The number is read and written in the same transaction, so it only grows,
         across restarts and across server replicas sharing one database.
         """
-        with self._write_lock, self.engine.begin() as conn:
-            q = select(m.crls.c.number).where(m.crls.c.ca_id == ca_id)
-            if self.dialect == "postgresql":
-                q = q.with_for_update()
-            current = conn.execute(q).scalar()
-            number = 1 if current is None else int(current) + 1
-            der = build(number)
-            values = {"number": number, "this_update": this_update,
-                      "next_update": next_update, "der": der}
-            if current is None:
-                conn.execute(insert(m.crls).values(ca_id=ca_id, **values))
-            else:
-                conn.execute(update(m.crls).where(m.crls.c.ca_id == ca_id).values(**values))
+        for attempt in (1, 2):
+            try:
+                with self._write() as conn:
+                    q = select(m.crls.c.number).where(m.crls.c.ca_id == ca_id)
+                    if self.dialect == "postgresql":
+                        q = q.with_for_update()
+                    current = conn.execute(q).scalar()
+                    number = 1 if current is None else int(current) + 1
+                    der = build(number)
+                    values = {"number": number, "this_update": this_update,
+                              "next_update": next_update, "der": der}
+                    if current is None:
+                        conn.execute(insert(m.crls).values(ca_id=ca_id, **values))
+                    else:
+                        conn.execute(
+                            update(m.crls).where(m.crls.c.ca_id == ca_id).values(**values))
+                break
+            except IntegrityError:
+                # Another replica created this CA's first CRL at the same moment.
+                if attempt == 2:
+                    raise
         return CrlRecord(ca_id, number, this_update, next_update, der)
 
     def latest_crl(self, ca_id: str) -> CrlRecord | None:
@@ -407,7 +425,19 @@ _STATUS_SQL_PG = (
     "SELECT ca_id, status, revoked_at, revocation_reason FROM certificates WHERE serial = %s")
 
 
+def _sqlite_begin(conn: Any) -> None:
+    # Write transactions take SQLite's write lock when they start, so that
+    # read-then-write sequences (the CRL number) are atomic even across processes
+    # sharing the file; reads start a deferred transaction and never block writers.
+    if conn.get_execution_options().get("trustmesh_write"):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.exec_driver_sql("BEGIN")
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # The driver must not open transactions on its own; SQLAlchemy's "begin" does.
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")

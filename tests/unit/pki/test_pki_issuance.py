@@ -43,12 +43,24 @@ URLS = CaUrls("http://ca/crl/x.crl", "http://ca/ocsp", "http://ca/ca/x.der")
 @pytest.fixture(scope="module")
 def authority() -> SigningAuthority:
     root_key = ec.generate_private_key(ec.SECP256R1())
-    root = build_root(root_key, parse_subject("O=t,CN=root"), NOW - timedelta(days=1),
-                      timedelta(days=3650), path_length=2)
+    root = build_root(
+        root_key,
+        parse_subject("O=t,CN=root"),
+        NOW - timedelta(days=1),
+        timedelta(days=3650),
+        path_length=2,
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    inter = build_intermediate(key.public_key(), parse_subject("O=t,CN=inter"), root, root_key,
-                               NOW - timedelta(days=1), timedelta(days=365), path_length=1,
-                               permitted_uri_domains=("example.org",))
+    inter = build_intermediate(
+        key.public_key(),
+        parse_subject("O=t,CN=inter"),
+        root,
+        root_key,
+        NOW - timedelta(days=1),
+        timedelta(days=365),
+        path_length=1,
+        permitted_uri_domains=("example.org",),
+    )
     return SigningAuthority(inter, key, (root,), URLS, ("example.org",), (), ca_id_of(inter))
 
 
@@ -61,7 +73,8 @@ def csr_for(
 ) -> x509.CertificateSigningRequest:
     key = key or ec.generate_private_key(ec.SECP256R1())
     b = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    )
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     for ext, crit in extensions:
@@ -69,11 +82,15 @@ def csr_for(
     return b.sign(key, hashes.SHA256())  # type: ignore[arg-type]
 
 
-def request(csr: x509.CertificateSigningRequest, template: str = "end-entity",
-            validity: timedelta = timedelta(hours=1), **names: tuple[str, ...]
-            ) -> IssuanceRequest:
-    return IssuanceRequest(csr, get_template(template), validity,
-                           RequestedNames.collect(csr, **names))
+def request(
+    csr: x509.CertificateSigningRequest,
+    template: str = "end-entity",
+    validity: timedelta = timedelta(hours=1),
+    **names: tuple[str, ...],
+) -> IssuanceRequest:
+    return IssuanceRequest(
+        csr, get_template(template), validity, RequestedNames.collect(csr, **names)
+    )
 
 
 POLICY = IssuancePolicy(CaMode.GENERAL, timedelta(seconds=60))
@@ -94,17 +111,21 @@ def test_intermediate_has_name_constraints_and_aki(authority: SigningAuthority) 
     nc = inter.extensions.get_extension_for_class(x509.NameConstraints)
     assert nc.critical
     aki = inter.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    ski = authority.chain[0].extensions.get_extension_for_class(
-        x509.SubjectKeyIdentifier).value
+    ski = authority.chain[0].extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ski.digest
 
 
 def test_intermediate_never_outlives_its_issuer(authority: SigningAuthority) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     root = authority.chain[0]
-    long = build_intermediate(key.public_key(), parse_subject("CN=x"), root,
-                              ec.generate_private_key(ec.SECP256R1()), NOW,
-                              timedelta(days=100000))
+    long = build_intermediate(
+        key.public_key(),
+        parse_subject("CN=x"),
+        root,
+        ec.generate_private_key(ec.SECP256R1()),
+        NOW,
+        timedelta(days=100000),
+    )
     assert long.not_valid_after_utc == root.not_valid_after_utc
 
 
@@ -112,21 +133,25 @@ def test_upstream_path_length_zero_cannot_sign_a_ca() -> None:
     k = ec.generate_private_key(ec.SECP256R1())
     root = build_root(k, parse_subject("CN=r"), NOW, timedelta(days=10), path_length=0)
     with pytest.raises(InvalidInput, match="cannot sign another CA"):
-        build_intermediate(k.public_key(), parse_subject("CN=i"), root, k, NOW,
-                           timedelta(days=1))
+        build_intermediate(k.public_key(), parse_subject("CN=i"), root, k, NOW, timedelta(days=1))
 
 
-@pytest.mark.parametrize("template,eku", [
-    ("end-entity", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-    ("end-entity-server", [ExtendedKeyUsageOID.SERVER_AUTH]),
-    ("end-entity-client", [ExtendedKeyUsageOID.CLIENT_AUTH]),
-    ("code-signing", [ExtendedKeyUsageOID.CODE_SIGNING]),
-    ("ocsp-signing", [ExtendedKeyUsageOID.OCSP_SIGNING]),
-])
-def test_each_leaf_template_fixes_its_eku(authority: SigningAuthority, template: str,
-                                          eku: list[x509.ObjectIdentifier]) -> None:
-    cert = issue_certificate(authority, request(csr_for(), template, dns_names=("a.b.c",)),
-                             NOW, 7, POLICY)
+@pytest.mark.parametrize(
+    "template,eku",
+    [
+        ("end-entity", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+        ("end-entity-server", [ExtendedKeyUsageOID.SERVER_AUTH]),
+        ("end-entity-client", [ExtendedKeyUsageOID.CLIENT_AUTH]),
+        ("code-signing", [ExtendedKeyUsageOID.CODE_SIGNING]),
+        ("ocsp-signing", [ExtendedKeyUsageOID.OCSP_SIGNING]),
+    ],
+)
+def test_each_leaf_template_fixes_its_eku(
+    authority: SigningAuthority, template: str, eku: list[x509.ObjectIdentifier]
+) -> None:
+    cert = issue_certificate(
+        authority, request(csr_for(), template, dns_names=("a.b.c",)), NOW, 7, POLICY
+    )
     cert.verify_directly_issued_by(authority.certificate)
     assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == eku
     bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -139,8 +164,9 @@ def test_each_leaf_template_fixes_its_eku(authority: SigningAuthority, template:
 
 def test_key_encipherment_only_for_rsa_server_keys(authority: SigningAuthority) -> None:
     rsa_key = rsa.generate_private_key(65537, 2048)
-    cert = issue_certificate(authority, request(csr_for(rsa_key), dns_names=("a.b",)), NOW, 8,
-                             POLICY)
+    cert = issue_certificate(
+        authority, request(csr_for(rsa_key), dns_names=("a.b",)), NOW, 8, POLICY
+    )
     assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment
     cert = issue_certificate(authority, request(csr_for(), dns_names=("a.b",)), NOW, 9, POLICY)
     assert not cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment
@@ -155,8 +181,13 @@ def test_issued_certificates_point_at_crl_and_ocsp(authority: SigningAuthority) 
 
 
 def test_not_before_is_backdated_by_the_skew(authority: SigningAuthority) -> None:
-    cert = issue_certificate(authority, request(csr_for(), dns_names=("a.b",)), NOW, 11,
-                             IssuancePolicy(CaMode.GENERAL, timedelta(minutes=5)))
+    cert = issue_certificate(
+        authority,
+        request(csr_for(), dns_names=("a.b",)),
+        NOW,
+        11,
+        IssuancePolicy(CaMode.GENERAL, timedelta(minutes=5)),
+    )
     assert cert.not_valid_before_utc == NOW - timedelta(minutes=5)
     assert cert.not_valid_after_utc == NOW + timedelta(hours=1)
 
@@ -172,42 +203,71 @@ def test_a_leaf_that_names_nothing_is_refused(authority: SigningAuthority) -> No
         issue_certificate(authority, request(csr_for(cn="not a hostname")), NOW, 13, POLICY)
 
 
-@pytest.mark.parametrize("validity,mode,match", [
-    (timedelta(days=8), CaMode.SHORT_LIVED, "short-lived CA mode's limit of 7d"),
-    (timedelta(days=398), CaMode.GENERAL, "template's maximum of 397d"),
-    (timedelta(0), CaMode.GENERAL, "must be positive"),
-])
-def test_validity_limits(authority: SigningAuthority, validity: timedelta, mode: CaMode,
-                         match: str) -> None:
+@pytest.mark.parametrize(
+    "validity,mode,match",
+    [
+        (timedelta(days=8), CaMode.SHORT_LIVED, "short-lived CA mode's limit of 7d"),
+        (timedelta(days=398), CaMode.GENERAL, "template's maximum of 397d"),
+        (timedelta(0), CaMode.GENERAL, "must be positive"),
+    ],
+)
+def test_validity_limits(
+    authority: SigningAuthority, validity: timedelta, mode: CaMode, match: str
+) -> None:
     with pytest.raises(InvalidInput, match=match):
-        plan_validity(NOW, validity, get_template("end-entity"), IssuancePolicy(mode),
-                      authority.certificate)
+        plan_validity(
+            NOW, validity, get_template("end-entity"), IssuancePolicy(mode), authority.certificate
+        )
 
 
 def test_no_certificate_outlives_its_issuer(authority: SigningAuthority) -> None:
     late = authority.certificate.not_valid_after_utc - timedelta(hours=1)
     with pytest.raises(InvalidInput, match="after the signing CA expires"):
-        plan_validity(late, timedelta(hours=2), get_template("end-entity"), POLICY,
-                      authority.certificate)
+        plan_validity(
+            late, timedelta(hours=2), get_template("end-entity"), POLICY, authority.certificate
+        )
 
 
-def test_subordinate_ca_path_length_must_fit_under_the_issuer(
-        authority: SigningAuthority) -> None:
+def test_subordinate_ca_path_length_must_fit_under_the_issuer(authority: SigningAuthority) -> None:
     csr = csr_for(cn="sub")
-    sub = issue_certificate(authority, IssuanceRequest(csr, get_template("subordinate-ca"),
-                            timedelta(days=1), RequestedNames(), 0), NOW, 14, POLICY)
+    sub = issue_certificate(
+        authority,
+        IssuanceRequest(
+            csr, get_template("subordinate-ca"), timedelta(days=1), RequestedNames(), 0
+        ),
+        NOW,
+        14,
+        POLICY,
+    )
     bc = sub.extensions.get_extension_for_class(x509.BasicConstraints).value
     assert bc.ca and bc.path_length == 0
     with pytest.raises(InvalidInput, match="path length"):
-        issue_certificate(authority, IssuanceRequest(csr, get_template("subordinate-ca"),
-                          timedelta(days=1), RequestedNames(), 1), NOW, 15, POLICY)
+        issue_certificate(
+            authority,
+            IssuanceRequest(
+                csr, get_template("subordinate-ca"), timedelta(days=1), RequestedNames(), 1
+            ),
+            NOW,
+            15,
+            POLICY,
+        )
 
 
 def test_path_length_only_for_subordinate_ca(authority: SigningAuthority) -> None:
     with pytest.raises(InvalidInput, match="only applies to the subordinate-ca"):
-        issue_certificate(authority, IssuanceRequest(csr_for(), get_template("end-entity"),
-                          timedelta(hours=1), RequestedNames(dns_names=("a.b",)), 1),
-                          NOW, 16, POLICY)
+        issue_certificate(
+            authority,
+            IssuanceRequest(
+                csr_for(),
+                get_template("end-entity"),
+                timedelta(hours=1),
+                RequestedNames(dns_names=("a.b",)),
+                1,
+            ),
+            NOW,
+            16,
+            POLICY,
+        )
 
 
 def test_passthrough_refuses_ca_powers(authority: SigningAuthority) -> None:
@@ -216,34 +276,56 @@ def test_passthrough_refuses_ca_powers(authority: SigningAuthority) -> None:
         issue_certificate(authority, request(ca_csr, "csr-passthrough"), NOW, 17, POLICY)
     ku = x509.KeyUsage(True, False, False, False, False, True, False, False, False)
     with pytest.raises(InvalidInput, match="keyCertSign"):
-        issue_certificate(authority, request(csr_for(extensions=[(ku, True)]),
-                                             "csr-passthrough"), NOW, 18, POLICY)
+        issue_certificate(
+            authority, request(csr_for(extensions=[(ku, True)]), "csr-passthrough"), NOW, 18, POLICY
+        )
     nc = x509.NameConstraints([x509.DNSName("x")], None)
     with pytest.raises(InvalidInput, match="does not copy"):
-        issue_certificate(authority, request(csr_for(extensions=[(nc, True)]),
-                                             "csr-passthrough"), NOW, 19, POLICY)
+        issue_certificate(
+            authority, request(csr_for(extensions=[(nc, True)]), "csr-passthrough"), NOW, 19, POLICY
+        )
 
 
 def test_uri_sans_must_fit_the_name_constraints(authority: SigningAuthority) -> None:
     with pytest.raises(InvalidInput, match="outside this CA's permitted URI domains"):
-        issue_certificate(authority, request(csr_for(), uris=("https://evil.example/x",)),
-                          NOW, 20, POLICY)
+        issue_certificate(
+            authority, request(csr_for(), uris=("https://evil.example/x",)), NOW, 20, POLICY
+        )
 
 
 def test_unknown_template_lists_the_known_ones() -> None:
     with pytest.raises(InvalidInput, match="known templates: code-signing") as info:
         get_template("server")
     assert info.value.field == "template"
-    assert set(TEMPLATES) == {"end-entity", "end-entity-server", "end-entity-client",
-                              "code-signing", "ocsp-signing", "subordinate-ca",
-                              "csr-passthrough"}
+    assert set(TEMPLATES) == {
+        "end-entity",
+        "end-entity-server",
+        "end-entity-client",
+        "code-signing",
+        "ocsp-signing",
+        "subordinate-ca",
+        "csr-passthrough",
+    }
 
 
-@pytest.mark.parametrize("name,ok", [
-    ("web.internal", True), ("*.apps.internal", True), ("a-b.c", True), ("xn--bcher-kva.ch", True),
-    ("*.internal", False), ("a.*.b", False), ("-a.b", False), ("a..b", False), ("a.b.", False),
-    ("a b.c", False), ("a" * 64 + ".b", False), ("", False), ("f*o.bar.baz", False),
-])
+@pytest.mark.parametrize(
+    "name,ok",
+    [
+        ("web.internal", True),
+        ("*.apps.internal", True),
+        ("a-b.c", True),
+        ("xn--bcher-kva.ch", True),
+        ("*.internal", False),
+        ("a.*.b", False),
+        ("-a.b", False),
+        ("a..b", False),
+        ("a.b.", False),
+        ("a b.c", False),
+        ("a" * 64 + ".b", False),
+        ("", False),
+        ("f*o.bar.baz", False),
+    ],
+)
 def test_dns_name_rules(name: str, ok: bool) -> None:
     if ok:
         assert validate_dns_name(name) == name.lower()
@@ -269,17 +351,27 @@ def test_load_csr_rejects_pem_of_the_wrong_kind_and_empty_input() -> None:
     assert load_csr(der).is_signature_valid
 
 
-def _signed_crl(authority: SigningAuthority, revoked: list[RevokedCertificate]
-                ) -> x509.CertificateRevocationList:
-    return build_crl(authority.certificate, authority.key, revoked, number=5,
-                     this_update=NOW, next_update=NOW + timedelta(hours=24))
+def _signed_crl(
+    authority: SigningAuthority, revoked: list[RevokedCertificate]
+) -> x509.CertificateRevocationList:
+    return build_crl(
+        authority.certificate,
+        authority.key,
+        revoked,
+        number=5,
+        this_update=NOW,
+        next_update=NOW + timedelta(hours=24),
+    )
 
 
 def test_crl_has_number_aki_times_and_reasons(authority: SigningAuthority) -> None:
-    crl = _signed_crl(authority, [
-        RevokedCertificate(0xABC, NOW, RevocationReason.KEY_COMPROMISE),
-        RevokedCertificate(0xDEF, NOW, RevocationReason.UNSPECIFIED),
-    ])
+    crl = _signed_crl(
+        authority,
+        [
+            RevokedCertificate(0xABC, NOW, RevocationReason.KEY_COMPROMISE),
+            RevokedCertificate(0xDEF, NOW, RevocationReason.UNSPECIFIED),
+        ],
+    )
     assert crl.is_signature_valid(authority.certificate.public_key())  # type: ignore[arg-type]
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 5
     assert crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
@@ -287,7 +379,8 @@ def test_crl_has_number_aki_times_and_reasons(authority: SigningAuthority) -> No
     entry = crl.get_revoked_certificate_by_serial_number(0xABC)
     assert entry is not None
     assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == (
-        x509.ReasonFlags.key_compromise)
+        x509.ReasonFlags.key_compromise
+    )
     plain = crl.get_revoked_certificate_by_serial_number(0xDEF)
     assert plain is not None and len(plain.extensions) == 0
 
@@ -303,47 +396,64 @@ def test_revocation_reason_parsing() -> None:
 def responder(authority: SigningAuthority) -> tuple[OcspResponder, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     csr = csr_for(key, cn="ocsp")
-    cert = issue_certificate(authority, IssuanceRequest(csr, get_template("ocsp-signing"),
-                             timedelta(days=1), RequestedNames()), NOW, 99, POLICY)
+    cert = issue_certificate(
+        authority,
+        IssuanceRequest(csr, get_template("ocsp-signing"), timedelta(days=1), RequestedNames()),
+        NOW,
+        99,
+        POLICY,
+    )
     ident = ResponderIdentity(authority.ca_id, authority.certificate, cert, key)
     return OcspResponder([ident], timedelta(hours=1)), cert
 
 
-def _ocsp_request(authority: SigningAuthority, serial: int, alg: hashes.HashAlgorithm,
-                  nonce: bytes | None = None) -> bytes:
+def _ocsp_request(
+    authority: SigningAuthority, serial: int, alg: hashes.HashAlgorithm, nonce: bytes | None = None
+) -> bytes:
     inter = authority.certificate
     h = hashes.Hash(alg)
     h.update(inter.subject.public_bytes())
     b = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
-        h.finalize(), issuer_key_hash(inter, alg), serial, alg)
+        h.finalize(), issuer_key_hash(inter, alg), serial, alg
+    )
     if nonce is not None:
         b = b.add_extension(x509.OCSPNonce(nonce), critical=False)
     return b.build().public_bytes(serialization.Encoding.DER)
 
 
 @pytest.mark.parametrize("alg", [hashes.SHA1(), hashes.SHA256(), hashes.SHA384()])
-def test_ocsp_answers_for_every_certid_hash(authority: SigningAuthority,
-                                            responder: tuple[OcspResponder, x509.Certificate],
-                                            alg: hashes.HashAlgorithm) -> None:
+def test_ocsp_answers_for_every_certid_hash(
+    authority: SigningAuthority,
+    responder: tuple[OcspResponder, x509.Certificate],
+    alg: hashes.HashAlgorithm,
+) -> None:
     resp, cert = responder
-    ans = resp.respond(_ocsp_request(authority, 42, alg, b"n0nce"),
-                       lambda ca, s: CertificateStatus(Status.GOOD), NOW)
+    ans = resp.respond(
+        _ocsp_request(authority, 42, alg, b"n0nce"),
+        lambda ca, s: CertificateStatus(Status.GOOD),
+        NOW,
+    )
     parsed = ocsp.load_der_ocsp_response(ans.der)
     assert parsed.certificate_status == ocsp.OCSPCertStatus.GOOD
     assert parsed.serial_number == 42
     assert parsed.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == b"n0nce"
     cert.public_key().verify(  # type: ignore[union-attr, call-arg]
-        parsed.signature, parsed.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+        parsed.signature, parsed.tbs_response_bytes, ec.ECDSA(hashes.SHA256())
+    )  # type: ignore[call-arg]
 
 
-def test_ocsp_revoked_carries_time_and_reason(authority: SigningAuthority,
-                                              responder: tuple[OcspResponder, x509.Certificate]
-                                              ) -> None:
+def test_ocsp_revoked_carries_time_and_reason(
+    authority: SigningAuthority, responder: tuple[OcspResponder, x509.Certificate]
+) -> None:
     resp, _ = responder
-    status = CertificateStatus(Status.REVOKED, NOW - timedelta(hours=2),
-                               RevocationReason.SUPERSEDED)
-    ans = resp.respond(_ocsp_request(authority, 7, hashes.SHA1()),  # noqa: S303
-                       lambda ca, s: status, NOW)
+    status = CertificateStatus(
+        Status.REVOKED, NOW - timedelta(hours=2), RevocationReason.SUPERSEDED
+    )
+    ans = resp.respond(
+        _ocsp_request(authority, 7, hashes.SHA1()),  # noqa: S303
+        lambda ca, s: status,
+        NOW,
+    )
     parsed = ocsp.load_der_ocsp_response(ans.der)
     assert parsed.certificate_status == ocsp.OCSPCertStatus.REVOKED
     assert parsed.revocation_time_utc == NOW - timedelta(hours=2)
@@ -352,29 +462,39 @@ def test_ocsp_revoked_carries_time_and_reason(authority: SigningAuthority,
 
 
 @pytest.mark.parametrize("data", [b"", b"\x30\x03\x02\x01", b"garbage" * 10, b"\x30" * 200])
-def test_ocsp_malformed_requests(responder: tuple[OcspResponder, x509.Certificate],
-                                 data: bytes) -> None:
+def test_ocsp_malformed_requests(
+    responder: tuple[OcspResponder, x509.Certificate], data: bytes
+) -> None:
     ans = responder[0].respond(data, lambda ca, s: CertificateStatus(Status.GOOD), NOW)
     assert ans.outcome == "malformedRequest"
     assert ocsp.load_der_ocsp_response(ans.der).response_status == (
-        ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+    )
 
 
-def test_ocsp_oversized_nonce_is_malformed(authority: SigningAuthority,
-                                           responder: tuple[OcspResponder, x509.Certificate]
-                                           ) -> None:
-    ans = responder[0].respond(_ocsp_request(authority, 1, hashes.SHA256(), b"x" * 500),
-                               lambda ca, s: CertificateStatus(Status.GOOD), NOW)
+def test_ocsp_oversized_nonce_is_malformed(
+    authority: SigningAuthority, responder: tuple[OcspResponder, x509.Certificate]
+) -> None:
+    ans = responder[0].respond(
+        _ocsp_request(authority, 1, hashes.SHA256(), b"x" * 500),
+        lambda ca, s: CertificateStatus(Status.GOOD),
+        NOW,
+    )
     assert ans.outcome == "malformedRequest"
 
 
-def test_ocsp_foreign_issuer_is_unauthorized(responder: tuple[OcspResponder, x509.Certificate]
-                                             ) -> None:
+def test_ocsp_foreign_issuer_is_unauthorized(
+    responder: tuple[OcspResponder, x509.Certificate],
+) -> None:
     k = ec.generate_private_key(ec.SECP256R1())
     other = build_root(k, parse_subject("CN=other"), NOW, timedelta(days=1))
     other_auth = SigningAuthority(other, k, (), URLS)
-    ans = responder[0].respond(_ocsp_request(other_auth, 1, hashes.SHA256()),
-                               lambda ca, s: CertificateStatus(Status.GOOD), NOW)
+    ans = responder[0].respond(
+        _ocsp_request(other_auth, 1, hashes.SHA256()),
+        lambda ca, s: CertificateStatus(Status.GOOD),
+        NOW,
+    )
     assert ans.outcome == "unauthorized"
     assert ocsp.load_der_ocsp_response(ans.der).response_status == (
-        ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        ocsp.OCSPResponseStatus.UNAUTHORIZED
+    )
