@@ -135,6 +135,9 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()
         ca.store.close()
+        close_keys = getattr(ca.keys, "close", None)
+        if callable(close_keys):
+            close_keys()  # releases an HSM session and login
         log.info("server stopped")
 
 

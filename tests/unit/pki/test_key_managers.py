@@ -106,9 +106,9 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Subject]
     yield from _subject(request, tmp_path)
 
 
-@pytest.fixture(params=MANAGER_KINDS[1:])
+@pytest.fixture(params=MANAGER_KINDS)
 def named_subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Subject]:
-    """Managers whose key ids become file names or token labels (all but memory)."""
+    """Every manager: all of them refuse unsafe key ids, in memory as on disk or token."""
     yield from _subject(request, tmp_path)
 
 

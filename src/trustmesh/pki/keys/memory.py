@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 
 from trustmesh.pki.keys.base import KeyAlgorithm, SigningKey, generate_software_key
+from trustmesh.pki.keys.disk import validate_key_id
 
 
 class MemoryKeyManager:
@@ -20,16 +21,19 @@ class MemoryKeyManager:
         return "memory"
 
     def generate_key(self, key_id: str, algorithm: KeyAlgorithm) -> SigningKey:
+        validate_key_id(key_id)
         key = generate_software_key(algorithm)
         with self._lock:
             self._keys[key_id] = key
         return key
 
     def get_key(self, key_id: str) -> SigningKey | None:
+        validate_key_id(key_id)
         with self._lock:
             return self._keys.get(key_id)
 
     def delete_key(self, key_id: str) -> None:
+        validate_key_id(key_id)
         with self._lock:
             self._keys.pop(key_id, None)
 
