@@ -26,6 +26,18 @@ def crl_number(srv: ServerProcess) -> int:
     return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
 
+def children_of(pid: int) -> list[int]:
+    out = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat_file.parent.name))
+    return out
+
+
 def test_restart_keeps_ca_revocations_and_crl_number_grows(
         start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     srv = start_server()
@@ -117,8 +129,17 @@ def test_sigkill_during_issuance_leaves_a_consistent_datastore(
     deadline = time.monotonic() + 20
     while len(results) < 40 and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert srv.proc is not None
+    workers = children_of(srv.proc.pid)
+    assert workers, "the server runs its signing workers as child processes"
     srv.kill()  # SIGKILL while requests are in flight
     stop.set()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and (
+            time.monotonic() < deadline):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], (
+        "signing workers outlived their server")
     for t in threads:
         t.join(timeout=10)
     assert len(results) >= 40

@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -141,8 +143,21 @@ def _cert_names(cert: x509.Certificate) -> RequestedNames:
 _WORKER: tuple[SigningAuthority, IssuancePolicy] | None = None
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """A signing worker must not outlive its server (even one killed with SIGKILL)."""
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(0)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _worker_init(material: dict[str, Any]) -> None:
     global _WORKER
+    _exit_with_parent(material["parent_pid"])
     key = serialization.load_der_private_key(material["key_der"], None)
     chain = tuple(x509.load_der_x509_certificate(d) for d in material["chain_der"])
     authority = SigningAuthority(
@@ -188,6 +203,7 @@ class SigningPool:
             "dns_domains": authority.permitted_dns_domains,
             "ca_id": authority.ca_id,
             "policy": policy,
+            "parent_pid": os.getpid(),
         }
         # spawn, not fork: the server has threads (event loop, executors) that fork would
         # copy in an arbitrary state.
