@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from trustmesh.errors import InvalidInput, TrustmeshError, error_from_code
+from trustmesh.errors import InternalError, InvalidInput, TrustmeshError, error_from_code
 from trustmesh.log import get_logger
 from trustmesh.pki.ca import IssuancePolicy, IssuanceRequest, SigningAuthority, issue_certificate
 from trustmesh.pki.csr import RequestedNames, load_csr_and_key
@@ -98,9 +98,14 @@ def sign_requests(authority: SigningAuthority, policy: IssuancePolicy,
             ))
         except TrustmeshError as err:
             out.append(SignOutcome(error=err.to_dict()))
-        except Exception as exc:  # keep one bad request from failing the batch
+        except (ValueError, TypeError) as exc:
+            # cryptography refusing a value that passed our checks: still the request's fault
             out.append(SignOutcome(error=InvalidInput(
                 f"cannot issue for this request: {exc}").to_dict()))
+        except Exception:  # our bug: log it, fail this request only
+            log.exception("signing failed", extra={"serial": format(item.serial, "x")})
+            out.append(SignOutcome(error=InternalError(
+                "internal error while signing; see the server log").to_dict()))
     return out
 
 
