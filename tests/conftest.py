@@ -26,3 +26,6 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     finally:
         for srv in started:
             srv.stop()
+
+
+from pg import postgres_server  # noqa: E402,F401 - a fixture shared by the suite

@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
-from trustmesh.errors import ConfigError, Conflict, NotFound, Unavailable
+from trustmesh.errors import ConfigError, Conflict, NotFound, PermissionDenied, Unavailable
 from trustmesh.store import models as m
 
 __all__ = ["AuditEvent", "CertificateRecord", "CrlRecord", "Datastore", "normalize_url"]
@@ -115,6 +115,8 @@ class Datastore:
             )
         self._write_lock = threading.Lock()  # SQLite allows one writer; avoid busy loops
         self._local = threading.local()
+        self._raws: list[Any] = []  # the per-thread status connections, closed in close()
+        self._raw_lock = threading.Lock()
         try:
             if self.dialect == "sqlite":
                 self.engine: Engine = create_engine(
@@ -147,6 +149,13 @@ class Datastore:
         return self.url
 
     def close(self) -> None:
+        with self._raw_lock:
+            raws, self._raws = self._raws, []
+        for raw in raws:
+            try:
+                raw.close()
+            except Exception:  # noqa: S110 - closing what may already be broken
+                pass
         self.engine.dispose()
 
     # -- schema --------------------------------------------------------------
@@ -355,6 +364,8 @@ class Datastore:
         if conn is None:
             conn = self.engine.raw_connection()
             self._local.raw = conn
+            with self._raw_lock:
+                self._raws.append(conn)
         return conn
 
     def _drop_status_connection(self) -> None:
@@ -403,6 +414,196 @@ class Datastore:
         if row is None:
             return None
         return CrlRecord(row.ca_id, row.number, row.this_update, row.next_update, bytes(row.der))
+
+    # -- registry: entries -----------------------------------------------------
+    def _next_revision(self, conn: Connection) -> int:
+        q = select(m.counters.c.value).where(m.counters.c.name == "registry")
+        if self.dialect == "postgresql":
+            q = q.with_for_update()
+        current = conn.execute(q).scalar()
+        if current is None:
+            conn.execute(insert(m.counters).values(name="registry", value=1))
+            return 1
+        conn.execute(update(m.counters).where(m.counters.c.name == "registry")
+                     .values(value=int(current) + 1))
+        return int(current) + 1
+
+    def registry_revision(self) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(m.counters.c.value).where(m.counters.c.name == "registry")).scalar()
+        return int(value or 0)
+
+    def _parent_exists(self, conn: Connection, parent_id: str) -> bool:
+        if conn.execute(select(m.entries.c.id).where(
+                m.entries.c.spiffe_id == parent_id, m.entries.c.deleted == 0).limit(1)).first():
+            return True
+        if conn.execute(select(m.agents.c.spiffe_id).where(
+                m.agents.c.spiffe_id == parent_id).limit(1)).first():
+            return True
+        return conn.execute(select(m.join_tokens.c.token_hash).where(
+            m.join_tokens.c.spiffe_id == parent_id).limit(1)).first() is not None
+
+    def create_entries(self, bodies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store new entries (all or nothing); parents must exist, duplicates are refused.
+
+        A parent exists when it is an entry's SPIFFE ID (also one created in the same
+        call), an attested agent, or the agent ID a join token will grant.
+        """
+        out: list[dict[str, Any]] = []
+        with self._write() as conn:
+            batch_ids = {b["spiffe_id"] for b in bodies}
+            for i, body in enumerate(bodies):
+                where = f"entries[{i}]" if len(bodies) > 1 else "entry"
+                if body["parent_id"] not in batch_ids and not self._parent_exists(
+                        conn, body["parent_id"]):
+                    raise NotFound(
+                        f"parent {body['parent_id']} does not exist: it must be an attested "
+                        "agent, the agent ID of a join token, or another entry's SPIFFE ID",
+                        field=f"{where}.parent_id")
+                selectors = json.dumps(sorted(body["selectors"]))
+                clash = conn.execute(select(m.entries.c.id).where(
+                    m.entries.c.spiffe_id == body["spiffe_id"],
+                    m.entries.c.parent_id == body["parent_id"],
+                    m.entries.c.selectors == selectors, m.entries.c.deleted == 0)).first()
+                if clash is not None:
+                    raise Conflict(
+                        f"an entry with the same SPIFFE ID, parent and selectors exists "
+                        f"({clash.id})", field=f"{where}.spiffe_id")
+                # One revision per entry: sync pages then always end on a whole revision.
+                revision = self._next_revision(conn)
+                stored = {**body, "revision": revision}
+                try:
+                    conn.execute(insert(m.entries).values(
+                        id=body["id"], spiffe_id=body["spiffe_id"], parent_id=body["parent_id"],
+                        selectors=selectors, body=json.dumps(stored, sort_keys=True),
+                        revision=revision, deleted=0))
+                except IntegrityError:
+                    raise Conflict(f"entry id {body['id']} already exists",
+                                   field=f"{where}.id") from None
+                out.append(stored)
+        return out
+
+    def update_entry(self, body: dict[str, Any]) -> dict[str, Any]:
+        with self._write() as conn:
+            row = conn.execute(select(m.entries).where(
+                m.entries.c.id == body["id"], m.entries.c.deleted == 0)).first()
+            if row is None:
+                raise NotFound(f"no entry with id {body['id']}", field="id")
+            if body["parent_id"] != row.parent_id and not self._parent_exists(
+                    conn, body["parent_id"]):
+                raise NotFound(f"parent {body['parent_id']} does not exist", field="parent_id")
+            revision = self._next_revision(conn)
+            stored = {**body, "revision": revision}
+            conn.execute(update(m.entries).where(m.entries.c.id == body["id"]).values(
+                spiffe_id=body["spiffe_id"], parent_id=body["parent_id"],
+                selectors=json.dumps(sorted(body["selectors"])),
+                body=json.dumps(stored, sort_keys=True), revision=revision))
+        return stored
+
+    def delete_entry(self, entry_id: str) -> int:
+        """Turn the entry into a tombstone; returns the revision of the deletion."""
+        with self._write() as conn:
+            row = conn.execute(select(m.entries.c.id).where(
+                m.entries.c.id == entry_id, m.entries.c.deleted == 0)).first()
+            if row is None:
+                raise NotFound(f"no entry with id {entry_id}", field="id")
+            revision = self._next_revision(conn)
+            conn.execute(update(m.entries).where(m.entries.c.id == entry_id).values(
+                deleted=1, revision=revision))
+        return revision
+
+    def get_entry(self, entry_id: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(m.entries.c.body).where(
+                m.entries.c.id == entry_id, m.entries.c.deleted == 0)).first()
+        if row is None:
+            raise NotFound(f"no entry with id {entry_id}", field="id")
+        return dict(json.loads(row.body))
+
+    def list_entries(self, *, spiffe_id: str | None = None, parent_id: str | None = None,
+                     limit: int = 10000, after_id: str = "") -> list[dict[str, Any]]:
+        """Live entries in id order, ``limit`` at a time after ``after_id`` (paging)."""
+        q = (select(m.entries.c.body).where(m.entries.c.deleted == 0, m.entries.c.id > after_id)
+             .order_by(m.entries.c.id).limit(limit))
+        if spiffe_id:
+            q = q.where(m.entries.c.spiffe_id == spiffe_id)
+        if parent_id:
+            q = q.where(m.entries.c.parent_id == parent_id)
+        with self.engine.connect() as conn:
+            return [dict(json.loads(r.body)) for r in conn.execute(q)]
+
+    def entry_changes(self, since: int, *, limit: int = 1000
+                      ) -> tuple[list[tuple[str, bool, dict[str, Any] | None]], int]:
+        """Entries changed after revision ``since``: (id, deleted, body) in revision order,
+        at most ``limit``; and the revision to ask from next time."""
+        q = (select(m.entries.c.id, m.entries.c.deleted, m.entries.c.body, m.entries.c.revision)
+             .where(m.entries.c.revision > since)
+             .order_by(m.entries.c.revision, m.entries.c.id).limit(limit))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        if not rows:
+            return [], since
+        changes = [(r.id, bool(r.deleted), None if r.deleted else dict(json.loads(r.body)))
+                   for r in rows]
+        return changes, int(rows[-1].revision)
+
+    # -- registry: join tokens and agents -------------------------------------
+    def create_join_token(self, token_hash: str, *, spiffe_id: str, created_at: int,
+                          expires_at: int, created_by: str) -> None:
+        with self._write() as conn:
+            conn.execute(insert(m.join_tokens).values(
+                token_hash=token_hash, spiffe_id=spiffe_id, created_at=created_at,
+                expires_at=expires_at, created_by=created_by, used_at=None))
+
+    def consume_join_token(self, token_hash: str, now: int) -> str:
+        """Use a token exactly once; returns the agent ID it grants."""
+        with self._write() as conn:
+            used = conn.execute(update(m.join_tokens).where(
+                m.join_tokens.c.token_hash == token_hash, m.join_tokens.c.used_at.is_(None),
+                m.join_tokens.c.expires_at > now).values(used_at=now)).rowcount
+            row = conn.execute(select(m.join_tokens).where(
+                m.join_tokens.c.token_hash == token_hash)).first()
+        if used == 1 and row is not None:
+            return str(row.spiffe_id)
+        if row is None:
+            raise PermissionDenied("unknown join token")
+        if row.used_at is not None:
+            raise PermissionDenied("this join token was already used")
+        raise PermissionDenied("this join token has expired")
+
+    def upsert_agent(self, spiffe_id: str, *, attestation: str, serial: str, expires_at: int,
+                     now: int) -> None:
+        with self._write() as conn:
+            row = conn.execute(select(m.agents.c.banned).where(
+                m.agents.c.spiffe_id == spiffe_id)).first()
+            if row is not None and row.banned:
+                raise PermissionDenied(f"agent {spiffe_id} was evicted")
+            values = {"attestation": attestation, "serial": serial, "expires_at": expires_at,
+                      "last_seen": now}
+            if row is None:
+                conn.execute(insert(m.agents).values(spiffe_id=spiffe_id, created_at=now,
+                                                     banned=0, **values))
+            else:
+                conn.execute(update(m.agents).where(m.agents.c.spiffe_id == spiffe_id)
+                             .values(**values))
+
+    def get_agent(self, spiffe_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(m.agents).where(m.agents.c.spiffe_id == spiffe_id)).first()
+        return dict(row._mapping) if row else None
+
+    def list_agents(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(
+                select(m.agents).order_by(m.agents.c.spiffe_id))]
+
+    def ban_agent(self, spiffe_id: str) -> None:
+        with self._write() as conn:
+            n = conn.execute(update(m.agents).where(m.agents.c.spiffe_id == spiffe_id)
+                             .values(banned=1)).rowcount
+        if n == 0:
+            raise NotFound(f"no agent {spiffe_id}", field="spiffe_id")
 
     # -- audit ---------------------------------------------------------------
     def audit_events(self, *, action: str | None = None, serial: str | None = None,

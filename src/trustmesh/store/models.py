@@ -77,3 +77,53 @@ crls = Table(
     Column("next_update", BigInteger, nullable=False),
     Column("der", LargeBinary, nullable=False),
 )
+
+# Monotonic counters (the registry revision) updated inside write transactions.
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+# Registration entries. A deleted entry stays as a tombstone with the revision
+# of its deletion, so agents can sync incrementally ("changes since N").
+entries = Table(
+    "entries",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("spiffe_id", Text, nullable=False),
+    Column("parent_id", Text, nullable=False),
+    Column("selectors", Text, nullable=False),  # canonical JSON list, sorted
+    Column("body", Text, nullable=False),  # the whole entry as JSON
+    Column("revision", BigInteger, nullable=False),
+    Column("deleted", Integer, nullable=False, default=0),
+)
+Index("ix_entries_revision", entries.c.revision)
+Index("ix_entries_parent", entries.c.parent_id)
+Index("ix_entries_spiffe_id", entries.c.spiffe_id)
+
+# One-time join tokens: only a hash is stored.
+join_tokens = Table(
+    "join_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("spiffe_id", Text, nullable=False),  # the agent ID the token grants
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("used_at", BigInteger, nullable=True),
+)
+
+# Attested agents (nodes).
+agents = Table(
+    "agents",
+    metadata,
+    Column("spiffe_id", String(512), primary_key=True),
+    Column("attestation", String(32), nullable=False),  # join_token | x509pop
+    Column("serial", String(64), nullable=True),  # current node SVID
+    Column("expires_at", BigInteger, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_seen", BigInteger, nullable=True),
+    Column("banned", Integer, nullable=False, default=0),
+)

@@ -1,0 +1,155 @@
+"""One datastore conformance suite, run against SQLite and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from trustmesh.errors import ConfigError, Conflict, NotFound
+from trustmesh.store import models
+from trustmesh.store.datastore import CertificateRecord, Datastore, normalize_url
+
+_counter = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    server = request.getfixturevalue("postgres_server")
+    return str(server.new_database(f"conf{next(_counter)}"))
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Datastore]:
+    ds = Datastore(store_url)
+    ds.migrate()
+    try:
+        yield ds
+    finally:
+        ds.close()
+
+
+def record(serial: str, *, key: str | None = None, ca_id: str = "ca1") -> CertificateRecord:
+    return CertificateRecord(
+        serial=serial, ca_id=ca_id, subject="CN=x", sans=("DNS:x.internal",),
+        template="end-entity", not_before=1, not_after=2, der=b"\x30\x00",
+        requested_by="tester", created_at=1, idempotency_key=key,
+        request_digest="d" if key else None)
+
+
+def test_migrate_is_idempotent(store: Datastore) -> None:
+    store.migrate()
+    store.migrate()
+    assert store.count_certificates() == 0
+
+
+def test_a_newer_schema_is_refused(store: Datastore) -> None:
+    from sqlalchemy import update
+
+    with store.engine.begin() as conn:
+        conn.execute(update(models.schema_info).values(version=models.SCHEMA_VERSION + 1))
+    with pytest.raises(ConfigError, match="newer than this trustmesh"):
+        store.migrate()
+
+
+def test_settings_round_trip_and_overwrite(store: Datastore) -> None:
+    assert store.get_setting("a") is None
+    store.put_settings({"a": "1", "b": "2"})
+    store.put_settings({"a": "3"})
+    assert (store.get_setting("a"), store.get_setting("b")) == ("3", "2")
+
+
+def test_batch_insert_is_all_or_nothing(store: Datastore) -> None:
+    store.insert_certificates([record("a1")], [{"n": 1}])
+    with pytest.raises(Conflict):
+        store.insert_certificates([record("b2"), record("a1")], [{}, {}])
+    assert store.count_certificates() == 1
+    with pytest.raises(NotFound):
+        store.get_certificate("b2")
+    assert [e.serial for e in store.audit_events()] == ["a1"]
+
+
+def test_idempotency_keys_are_unique(store: Datastore) -> None:
+    store.insert_certificates([record("c1", key="k")], [{}])
+    with pytest.raises(Conflict):
+        store.insert_certificates([record("c2", key="k")], [{}])
+    found = store.find_by_idempotency_key("k")
+    assert found is not None and found.serial == "c1" and found.der == b"\x30\x00"
+    assert store.find_by_idempotency_key("other") is None
+
+
+def test_revoke_records_status_and_audit(store: Datastore) -> None:
+    store.insert_certificates([record("d1")], [{}])
+    rec = store.revoke("d1", at=100, reason="key-compromise", actor="admin", details={"x": 1})
+    assert (rec.status, rec.revoked_at, rec.revocation_reason) == ("revoked", 100,
+                                                                    "key-compromise")
+    assert store.certificate_status("d1") == ("ca1", "revoked", 100, "key-compromise")
+    with pytest.raises(Conflict, match="already revoked"):
+        store.revoke("d1", at=101, reason="superseded", actor="admin", details={})
+    with pytest.raises(NotFound):
+        store.revoke("nope", at=1, reason="superseded", actor="admin", details={})
+    actions = [(e.action, e.actor) for e in store.audit_events(serial="d1")]
+    assert actions == [("issue", "tester"), ("revoke", "admin")]
+    assert [r.serial for r in store.revoked_certificates("ca1")] == ["d1"]
+    assert store.revoked_certificates("other") == []
+
+
+def test_status_of_an_unknown_serial_is_none(store: Datastore) -> None:
+    assert store.certificate_status("ffff") is None
+
+
+def test_journal_replay_is_idempotent(store: Datastore) -> None:
+    store.insert_certificates([record("e1"), record("e2")], [{}, {}])
+    entries = [{"serial": "e1", "at": 5, "reason": "superseded", "actor": "a"},
+               {"serial": "zz", "at": 5, "reason": "superseded", "actor": "a"}]
+    assert store.apply_revocations(entries) == ["e1"]
+    assert store.apply_revocations(entries) == []
+    assert store.certificate_status("e1") == ("ca1", "revoked", 5, "superseded")
+    assert store.certificate_status("e2") == ("ca1", "valid", None, None)
+
+
+def test_crl_numbers_only_grow_even_across_replicas(store: Datastore, store_url: str) -> None:
+    replica = Datastore(store_url)  # a second server sharing the database
+    numbers: list[int] = []
+    lock = threading.Lock()
+
+    def sign(ds: Datastore) -> None:
+        for _ in range(10):
+            rec = ds.store_crl("ca1", this_update=1, next_update=2,
+                               build=lambda n: f"crl-{n}".encode())
+            assert rec.der == f"crl-{rec.number}".encode()
+            with lock:
+                numbers.append(rec.number)
+
+    threads = [threading.Thread(target=sign, args=(ds,)) for ds in (store, replica, store)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    replica.close()
+    assert sorted(numbers) == list(range(1, 31))
+    latest = store.latest_crl("ca1")
+    assert latest is not None and latest.number == 30 and latest.der == b"crl-30"
+    assert store.latest_crl("other") is None
+
+
+def test_urls_are_normalised_and_passwords_hidden() -> None:
+    assert normalize_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_url("sqlite:///x") == "sqlite:///x"
+    ds = Datastore("postgresql://user:secret@127.0.0.1:1/db")
+    assert "secret" not in ds.redacted_url and "user:***@" in ds.redacted_url
+
+
+def test_unknown_schemes_and_dead_servers_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unsupported datastore URL scheme 'mysql'"):
+        Datastore("mysql://x/y")
+    from trustmesh.errors import Unavailable
+
+    dead = Datastore("postgresql://nobody@127.0.0.1:1/none")
+    with pytest.raises(Unavailable, match="cannot reach datastore"):
+        dead.migrate()
