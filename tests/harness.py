@@ -61,6 +61,8 @@ class ServerProcess:
                  env: dict[str, str] | None = None, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.agent_port = free_port()
+        self.attest_port = free_port()
         self.extra_args = list(extra_args)
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -79,7 +81,9 @@ class ServerProcess:
         self._log = log
         self.proc = subprocess.Popen(
             [TRUSTMESH, "server", "run", "--data-dir", str(self.data_dir),
-             "--http-address", f"127.0.0.1:{self.port}", *self.extra_args],
+             "--http-address", f"127.0.0.1:{self.port}",
+             "--bind-address", f"127.0.0.1:{self.agent_port}",
+             "--attest-address", f"127.0.0.1:{self.attest_port}", *self.extra_args],
             stdout=log, stderr=log, env={**os.environ, **self.env},
         )
         deadline = time.monotonic() + timeout

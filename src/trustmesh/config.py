@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trustmesh.errors import ConfigError
 
 __all__ = [
+    "AgentConfig",
     "CaMode",
     "KeyManagerConfig",
     "ServerConfig",
@@ -102,6 +103,12 @@ class ServerConfig(BaseModel):
     data_dir: Path = Field(default_factory=lambda: default_home() / "server")
     trust_domain: str = "example.org"
     http_address: str = "127.0.0.1:8080"
+    # Agent API (gRPC over TLS): node attestation, entry sync, SVID signing.
+    bind_address: str = "127.0.0.1:8081"  # mutual TLS: agents present their node SVID
+    attest_address: str = "127.0.0.1:8082"  # TLS: nodes without an SVID yet (Attest only)
+    agent_svid_ttl: timedelta = timedelta(hours=1)
+    server_svid_ttl: timedelta = timedelta(hours=24)
+    x509pop_ca: Path | None = None  # CA bundle whose node certificates may attest
     # Base URL written into certificates for CRL and OCSP; default http://<http_address>.
     public_url: str | None = None
     datastore: str | None = None  # default: sqlite:///<data-dir>/datastore.sqlite3
@@ -131,6 +138,8 @@ class ServerConfig(BaseModel):
         "crl_validity",
         "backdate",
         "default_validity",
+        "agent_svid_ttl",
+        "server_svid_ttl",
         mode="before",
     )
     @classmethod
@@ -155,7 +164,7 @@ class ServerConfig(BaseModel):
             )
         return v
 
-    @field_validator("http_address")
+    @field_validator("http_address", "bind_address", "attest_address")
     @classmethod
     def _address(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
@@ -200,6 +209,61 @@ class ServerConfig(BaseModel):
             if len(problems) == 1:
                 raise ConfigError(problems[0].split(": ", 1)[1], field=first_loc) from None
             raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+class AgentConfig(BaseModel):
+    """Settings of ``trustmesh agent run``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default_factory=lambda: default_home() / "agent")
+    server_address: str = "127.0.0.1:8081"
+    attest_address: str | None = None  # default: the server host, port + 1
+    trust_bundle: Path
+    join_token: str | None = None
+    x509pop_cert: Path | None = None
+    x509pop_key: Path | None = None
+    socket: Path = Field(default_factory=lambda: default_home() / "agent" / "public" /
+                         "api.sock")
+    sync_interval: timedelta = timedelta(seconds=5)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("sync_interval", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> timedelta:
+        return parse_duration(v)
+
+    @field_validator("server_address", "attest_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, got {v!r}")
+        return v
+
+    @property
+    def effective_attest_address(self) -> str:
+        if self.attest_address:
+            return self.attest_address
+        host, _, port = self.server_address.rpartition(":")
+        return f"{host}:{int(port) + 1}"
+
+    @classmethod
+    def build(cls, file_values: dict[str, Any], overrides: dict[str, Any]) -> AgentConfig:
+        merged = dict(file_values)
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"]) or "config"
+                msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+                problems.append(f"{loc}: {msg}")
+            raise ConfigError("invalid agent configuration: " + "; ".join(problems)) from None
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

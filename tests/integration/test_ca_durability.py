@@ -225,4 +225,5 @@ def _server_cmd(srv: ServerProcess) -> list[str]:
     from harness import TRUSTMESH
 
     return [TRUSTMESH, "server", "run", "--data-dir", str(srv.data_dir), "--http-address",
-            f"127.0.0.1:{srv.port}", *srv.extra_args]
+            f"127.0.0.1:{srv.port}", "--bind-address", f"127.0.0.1:{srv.agent_port}",
+            "--attest-address", f"127.0.0.1:{srv.attest_port}", *srv.extra_args]

@@ -25,6 +25,15 @@ def _server_options(fn: Any) -> Any:
         click.option("--http-address", envvar="TRUSTMESH_HTTP_ADDRESS",
                      help="HOST:PORT for /healthz, /metrics, CRL and OCSP  "
                           "[default: 127.0.0.1:8080]"),
+        click.option("--bind-address", envvar="TRUSTMESH_BIND_ADDRESS",
+                     help="HOST:PORT of the agent API (gRPC, mutual TLS with the node SVID)  "
+                          "[default: 127.0.0.1:8081]"),
+        click.option("--attest-address", envvar="TRUSTMESH_ATTEST_ADDRESS",
+                     help="HOST:PORT where nodes without an SVID attest (TLS, Attest only)  "
+                          "[default: 127.0.0.1:8082]"),
+        click.option("--agent-svid-ttl", help="Lifetime of node X509-SVIDs  [default: 1h]"),
+        click.option("--x509pop-ca", type=click.Path(dir_okay=False, path_type=Path),
+                     help="PEM CAs whose node certificates may attest with x509pop."),
         click.option("--public-url", envvar="TRUSTMESH_PUBLIC_URL",
                      help="Base URL written into certificates for CRL and OCSP  "
                           "[default: http://<http-address>]"),

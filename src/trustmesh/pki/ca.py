@@ -250,6 +250,7 @@ class IssuanceRequest:
     names: RequestedNames
     path_length: int | None = None
     public_key: object = None  # the CSR's key, when the caller already extracted it
+    subject: x509.Name | None = None  # overrides the CSR's subject (X509-SVIDs)
 
 
 def plan_validity(
@@ -317,6 +318,16 @@ def _check_names_allowed(names: RequestedNames, authority: SigningAuthority) -> 
                 )
 
 
+def _check_svid_names(names: RequestedNames) -> None:
+    """X509-SVID profile: exactly one URI SAN, and it is a SPIFFE ID."""
+    if len(names.uris) != 1 or not names.uris[0].startswith("spiffe://"):
+        raise InvalidInput("an X509-SVID carries exactly one URI SAN: its SPIFFE ID",
+                           field="uris")
+    if names.ip_addresses or names.emails:
+        raise InvalidInput("an X509-SVID carries only its SPIFFE ID and DNS names",
+                           field="uris")
+
+
 def _host_within(host: str, constraint: str) -> bool:
     constraint = constraint.lower()
     if constraint.startswith("."):
@@ -334,8 +345,10 @@ def issue_certificate(
     """Sign ``request`` with ``authority`` under ``policy``; raises InvalidInput on refusal."""
     template = request.template
     names = request.names
-    subject = request.csr.subject
+    subject = request.csr.subject if request.subject is None else request.subject
     public_key = request.public_key or request.csr.public_key()
+    if template.name == "x509-svid":
+        _check_svid_names(names)
 
     if template.is_ca:
         issuer_plen = authority.path_length

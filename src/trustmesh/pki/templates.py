@@ -62,6 +62,12 @@ TEMPLATES: dict[str, CertificateTemplate] = {
             eku=(ExtendedKeyUsageOID.CLIENT_AUTH,),
         ),
         CertificateTemplate(
+            "x509-svid",
+            "SPIFFE X509-SVID: one URI SAN, TLS server and client authentication",
+            30 * _DAY,
+            eku=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+        ),
+        CertificateTemplate(
             "code-signing",
             "code signing",
             3 * 365 * _DAY,

@@ -22,6 +22,7 @@ from trustmesh.log import get_logger
 from trustmesh.server.authority import CertificateAuthority, IssueParams
 from trustmesh.server.issuance import AsyncIssuer
 from trustmesh.server.metrics import ServerMetrics
+from trustmesh.server.registry import Registry
 
 __all__ = ["build_admin_app", "peer_uid"]
 
@@ -63,7 +64,7 @@ _ISSUE_FIELDS = {"csr", "template", "validity", "dns_names", "uris", "ip_address
 
 
 def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
-                    issuer: AsyncIssuer) -> web.Application:
+                    issuer: AsyncIssuer, registry: Registry) -> web.Application:
     allowed_uids = {0, os.getuid()}
 
     @web.middleware
@@ -174,6 +175,69 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
     async def audit(request: web.Request) -> web.Response:
         events = await run(ca.audit, request.query.get("action"), request.query.get("serial"))
         return web.json_response({"events": events})
+
+    # -- registry ---------------------------------------------------------------
+    async def create_entries(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        if set(body) - {"entries"} or not isinstance(body.get("entries"), list):
+            raise InvalidInput("expected {\"entries\": [...]}")
+        entries = await run(registry.create_entries, body["entries"], request["actor"])
+        return web.json_response({"entries": [e.to_json() for e in entries]}, status=201)
+
+    async def list_entries(request: web.Request) -> web.Response:
+        entries = await run(lambda: registry.list_entries(
+            spiffe_id=request.query.get("spiffe_id"), parent_id=request.query.get("parent_id")))
+        return web.json_response({"entries": [e.to_json() for e in entries]})
+
+    async def show_entry(request: web.Request) -> web.Response:
+        entry = await run(registry.get_entry, request.match_info["id"])
+        return web.json_response(entry.to_json())
+
+    async def update_entry(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        entry = await run(registry.update_entry, request.match_info["id"], body,
+                          request["actor"])
+        return web.json_response(entry.to_json())
+
+    async def delete_entry(request: web.Request) -> web.Response:
+        revision = await run(registry.delete_entry, request.match_info["id"], request["actor"])
+        return web.json_response({"id": request.match_info["id"], "deleted": True,
+                                  "revision": revision})
+
+    async def create_token(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        unknown = set(body) - {"ttl", "spiffe_id"}
+        if unknown:
+            raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        ttl = None
+        if body.get("ttl") is not None:
+            try:
+                ttl = parse_duration(body["ttl"])
+            except (ValueError, TypeError) as exc:
+                raise InvalidInput(str(exc), field="ttl") from None
+        token = await run(registry.create_join_token, ttl, body.get("spiffe_id"),
+                          request["actor"])
+        return web.json_response(token.to_json(), status=201)
+
+    async def list_agents(_: web.Request) -> web.Response:
+        return web.json_response({"agents": await run(registry.list_agents)})
+
+    async def evict_agent(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        spiffe_id = body.get("spiffe_id")
+        if not isinstance(spiffe_id, str):
+            raise InvalidInput("a SPIFFE ID is required", field="spiffe_id")
+        await run(registry.evict_agent, spiffe_id, request["actor"])
+        return web.json_response({"spiffe_id": spiffe_id, "evicted": True})
+
+    app.router.add_post("/v1/entries", create_entries)
+    app.router.add_get("/v1/entries", list_entries)
+    app.router.add_get("/v1/entries/{id}", show_entry)
+    app.router.add_patch("/v1/entries/{id}", update_entry)
+    app.router.add_delete("/v1/entries/{id}", delete_entry)
+    app.router.add_post("/v1/tokens", create_token)
+    app.router.add_get("/v1/agents", list_agents)
+    app.router.add_post("/v1/agents/evict", evict_agent)
 
     app.router.add_get("/v1/ca", show_ca)
     app.router.add_post("/v1/certificates", issue)

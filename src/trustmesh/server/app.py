@@ -7,20 +7,30 @@ import contextlib
 import os
 import signal
 import socket
+import threading
+from datetime import timedelta
 from pathlib import Path
 
+import grpc
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from trustmesh.clock import Clock, SystemClock
 from trustmesh.config import ServerConfig
 from trustmesh.errors import ConfigError
 from trustmesh.log import get_logger
 from trustmesh.pki.keys import open_key_manager
+from trustmesh.proto import agent_pb2_grpc
 from trustmesh.server.admin_api import build_admin_app
+from trustmesh.server.agent_api import AgentApi, X509PopConfig
 from trustmesh.server.authority import CertificateAuthority
+from trustmesh.server.entry_cache import EntryCache
 from trustmesh.server.http import build_public_app
 from trustmesh.server.issuance import AsyncIssuer, default_worker_count
 from trustmesh.server.metrics import ServerMetrics
+from trustmesh.server.registry import Registry
+from trustmesh.spiffe.ids import TrustDomain
 from trustmesh.store.datastore import Datastore
 
 __all__ = ["run_server", "serve"]
@@ -59,6 +69,89 @@ def build_authority(config: ServerConfig, clock: Clock,
     return CertificateAuthority(config, store, keys, clock)
 
 
+class ServerIdentity:
+    """The server's own X509-SVID for the agent API, renewed at two thirds of its life."""
+
+    def __init__(self, ca: CertificateAuthority, ttl: timedelta) -> None:
+        self._ca = ca
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self.version = 0
+        self._issue()
+
+    def _issue(self) -> None:
+        key, chain = self._ca.issue_server_identity(self._ttl)
+        leaf = chain[0]
+        life = leaf.not_valid_after_utc - self._ca.clock.now()
+        with self._lock:
+            self.key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption())
+            # the chain without the root: clients hold the root in their trust bundle
+            self.chain_pem = "".join(
+                c.public_bytes(serialization.Encoding.PEM).decode() for c in chain[:-1]
+            ).encode()
+            self.roots_pem = "".join(
+                c.public_bytes(serialization.Encoding.PEM).decode() for c in self._ca.anchors
+            ).encode()
+            self.refresh_at = self._ca.clock.now() + life * 2 / 3
+            self.version += 1
+
+    def rotate_if_due(self) -> bool:
+        if self._ca.clock.now() < self.refresh_at:
+            return False
+        self._issue()
+        log.info("renewed the server's X509-SVID")
+        return True
+
+    def tls_config(self) -> grpc.ServerCertificateConfiguration:
+        with self._lock:
+            return grpc.ssl_server_certificate_configuration(
+                [(self.key_pem, self.chain_pem)], root_certificates=self.roots_pem)
+
+
+async def start_agent_api(config: ServerConfig, ca: CertificateAuthority, issuer: AsyncIssuer,
+                          registry: Registry, identity: ServerIdentity,
+                          clock: Clock) -> grpc.aio.Server:
+    x509pop = None
+    if config.x509pop_ca is not None:
+        try:
+            cas = x509.load_pem_x509_certificates(Path(config.x509pop_ca).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load x509pop CAs from {config.x509pop_ca}: {exc}",
+                              field="x509pop_ca") from None
+        x509pop = X509PopConfig(tuple(cas))
+    api = AgentApi(ca, issuer, registry, EntryCache(ca.store), clock,
+                   agent_svid_ttl=int(config.agent_svid_ttl.total_seconds()), x509pop=x509pop,
+                   jwt=ca.jwt)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+    agent_pb2_grpc.add_AgentServicer_to_server(api, server)
+    def credentials(require_client_cert: bool) -> grpc.ServerCredentials:
+        seen = {"version": identity.version}
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            if identity.version == seen["version"]:
+                return None  # unchanged: keep serving the current certificate
+            seen["version"] = identity.version
+            return identity.tls_config()
+
+        return grpc.dynamic_ssl_server_credentials(
+            identity.tls_config(), fetch, require_client_authentication=require_client_cert)
+
+    # grpcio can either require a client certificate or not ask for one, so the
+    # agent API has two ports: mutual TLS for agents, plain TLS for Attest only.
+    for address, mutual, name in ((config.bind_address, True, "bind_address"),
+                                  (config.attest_address, False, "attest_address")):
+        try:
+            port = server.add_secure_port(address, credentials(mutual))
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc}", field=name) from None
+        if port == 0:
+            raise ConfigError(f"cannot listen on {address}", field=name)
+    await server.start()
+    return server
+
+
 def _update_gauges(ca: CertificateAuthority, metrics: ServerMetrics) -> None:
     latest = ca.store.latest_crl(ca.ca_id)
     if latest is not None:
@@ -82,7 +175,10 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
     issuer = AsyncIssuer(ca, workers, pool_allowed=ca.keys.name != "pkcs11")
     await issuer.start()
     public = web.AppRunner(build_public_app(ca, metrics), access_log=None)
-    admin = web.AppRunner(build_admin_app(ca, metrics, issuer), access_log=None)
+    registry = Registry(ca.store, TrustDomain.parse(config.trust_domain), clock)
+    admin = web.AppRunner(build_admin_app(ca, metrics, issuer, registry), access_log=None)
+    identity = ServerIdentity(ca, config.server_svid_ttl)
+    agent_server = await start_agent_api(config, ca, issuer, registry, identity, clock)
     await public.setup()
     await admin.setup()
     host, _, port = config.http_address.rpartition(":")
@@ -109,7 +205,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
                "admin_socket": str(sock_path), "datastore": ca.store.redacted_url,
                "ca_id": ca.ca_id, "crl_url": ca.authority.urls.crl_url,
                "ocsp_url": ca.authority.urls.ocsp_url,
-               "signing_workers": issuer.pool.workers if issuer.pool else 0},
+               "signing_workers": issuer.pool.workers if issuer.pool else 0,
+               "agent_api": config.bind_address, "attest_api": config.attest_address},
     )
 
     async def housekeeping() -> None:
@@ -118,6 +215,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
             try:
                 await loop.run_in_executor(None, ca.ensure_crl)
                 await loop.run_in_executor(None, ca.rotate_responder_if_due)
+                await loop.run_in_executor(None, identity.rotate_if_due)
+                await loop.run_in_executor(None, ca.jwt.rotate)
                 _update_gauges(ca, metrics)
             except Exception:
                 log.exception("housekeeping failed; retrying at the next interval")
@@ -129,6 +228,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await agent_server.stop(grace=2)
         await public.cleanup()
         await admin.cleanup()
         await issuer.close()

@@ -56,6 +56,7 @@ from trustmesh.pki.ocsp import (
 from trustmesh.pki.templates import get_template
 from trustmesh.server.issuance import SignItem, SignOutcome, sign_requests
 from trustmesh.server.journal import RevocationJournal
+from trustmesh.server.jwt_authority import JwtAuthority
 from trustmesh.store.datastore import CertificateRecord, Datastore
 
 __all__ = ["CertificateAuthority", "IssueParams", "IssuedCertificate", "normalize_serial"]
@@ -65,6 +66,8 @@ log = get_logger("trustmesh.server.ca")
 _ROOT_PATH_LEN = 2
 _INTERMEDIATE_PATH_LEN = 1
 _OCSP_RESPONSE_VALIDITY = timedelta(hours=1)
+# The DNS name in the server's own X509-SVID; agents verify it (and the chain).
+SERVER_DNS_NAME = "trustmesh-server"
 
 
 def normalize_serial(text: str) -> str:
@@ -189,6 +192,7 @@ class CertificateAuthority:
         self._responder = self._new_responder()
         self._replay_journal()
         self.ensure_crl(force=self.store.latest_crl(self.ca_id) is None)
+        self.jwt = JwtAuthority(datastore, keys, clock)
 
     # -- hierarchy -------------------------------------------------------------
     @property
@@ -543,6 +547,23 @@ class CertificateAuthority:
                 field="idempotency_key",
             )
         return IssuedCertificate(record.der, self.chain, record.serial, reused=True)
+
+    def issue_server_identity(self, ttl: timedelta) -> tuple[Any, tuple[x509.Certificate, ...]]:
+        """A fresh key and X509-SVID (spiffe://<td>/trustmesh/server) for the agent API."""
+        key = generate_software_key(KeyAlgorithm.EC_P256)
+        csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+               .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        item = SignItem(csr=csr, template="x509-svid", validity_seconds=ttl.total_seconds(),
+                        dns_names=(SERVER_DNS_NAME,),
+                        uris=(f"spiffe://{self.config.trust_domain}/trustmesh/server",),
+                        ip_addresses=(), path_length=None,
+                        serial=x509.random_serial_number(),
+                        subject=f"O=trustmesh,CN={SERVER_DNS_NAME}", names_from_csr=False)
+        outcome = sign_requests(self.authority, self.policy, [item], self.clock.now())[0]
+        outcome.raise_error()
+        assert outcome.der is not None
+        leaf = x509.load_der_x509_certificate(outcome.der)
+        return key, (leaf, *self.chain)
 
     # -- revocation ----------------------------------------------------------
     def revoke(self, serial_text: str, reason_text: str, actor: str) -> CertificateRecord:

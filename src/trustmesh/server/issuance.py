@@ -29,8 +29,14 @@ from cryptography.hazmat.primitives import serialization
 
 from trustmesh.errors import InternalError, InvalidInput, TrustmeshError, error_from_code
 from trustmesh.log import get_logger
-from trustmesh.pki.ca import IssuancePolicy, IssuanceRequest, SigningAuthority, issue_certificate
-from trustmesh.pki.csr import RequestedNames, load_csr_and_key
+from trustmesh.pki.ca import (
+    IssuancePolicy,
+    IssuanceRequest,
+    SigningAuthority,
+    issue_certificate,
+    parse_subject,
+)
+from trustmesh.pki.csr import RequestedNames, load_csr_and_key, validate_dns_name, validate_uri
 from trustmesh.pki.templates import get_template
 
 __all__ = [
@@ -57,6 +63,9 @@ class SignItem:
     ip_addresses: tuple[str, ...]
     path_length: int | None
     serial: int
+    # X509-SVIDs: the names and subject come from the registration entry, not the CSR
+    subject: str | None = None
+    names_from_csr: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,13 +94,20 @@ def sign_requests(authority: SigningAuthority, policy: IssuancePolicy,
         try:
             template = get_template(item.template)
             csr, public_key = load_csr_and_key(item.csr)
-            names = RequestedNames.collect(csr, item.dns_names, item.uris, item.ip_addresses)
+            if item.names_from_csr:
+                names = RequestedNames.collect(csr, item.dns_names, item.uris,
+                                               item.ip_addresses)
+            else:
+                names = RequestedNames(
+                    dns_names=tuple(validate_dns_name(d) for d in item.dns_names),
+                    uris=tuple(validate_uri(u) for u in item.uris))
+            subject = parse_subject(item.subject) if item.subject is not None else None
             request = IssuanceRequest(csr, template, timedelta(seconds=item.validity_seconds),
-                                      names, item.path_length, public_key)
+                                      names, item.path_length, public_key, subject)
             cert = issue_certificate(authority, request, now, item.serial, policy)
             out.append(SignOutcome(
                 der=cert.public_bytes(serialization.Encoding.DER),
-                subject=subject_text(csr.subject),
+                subject=subject_text(request.subject or csr.subject),
                 sans=san_strings(request.names if not names.empty else _cert_names(cert)),
                 not_before=int(cert.not_valid_before_utc.timestamp()),
                 not_after=int(cert.not_valid_after_utc.timestamp()),

@@ -305,6 +305,7 @@ def test_unknown_template_lists_the_known_ones() -> None:
         "ocsp-signing",
         "subordinate-ca",
         "csr-passthrough",
+        "x509-svid",
     }
 
 
@@ -498,3 +499,26 @@ def test_ocsp_foreign_issuer_is_unauthorized(
     assert ocsp.load_der_ocsp_response(ans.der).response_status == (
         ocsp.OCSPResponseStatus.UNAUTHORIZED
     )
+
+
+def test_x509_svid_template_has_exactly_one_spiffe_uri(authority: SigningAuthority) -> None:
+    csr = csr_for(cn="ignored")
+    req = IssuanceRequest(csr, get_template("x509-svid"), timedelta(hours=1),
+                          RequestedNames(uris=("spiffe://example.org/ns/a/sa/b",)),
+                          subject=parse_subject("O=trustmesh"))
+    cert = issue_certificate(authority, req, NOW, 77, POLICY)
+    assert cert.subject == parse_subject("O=trustmesh")  # the CSR's subject is not used
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://example.org/ns/a/sa/b"]
+    eku = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert eku == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    two = IssuanceRequest(csr, get_template("x509-svid"), timedelta(hours=1),
+                          RequestedNames(uris=("spiffe://example.org/a",
+                                               "spiffe://example.org/b")))
+    with pytest.raises(InvalidInput, match="exactly one URI SAN"):
+        issue_certificate(authority, two, NOW, 78, POLICY)
+    not_spiffe = IssuanceRequest(csr, get_template("x509-svid"), timedelta(hours=1),
+                                 RequestedNames(uris=("https://example.org/a",)))
+    with pytest.raises(InvalidInput, match="exactly one URI SAN"):
+        issue_certificate(authority, not_spiffe, NOW, 79, POLICY)

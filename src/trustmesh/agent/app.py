@@ -1,0 +1,218 @@
+"""The ``trustmesh agent run`` process: attest, sync, rotate, serve workloads.
+
+The loop keeps going when the server is away: cached SVIDs are served until
+they expire, and calls are retried with exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from trustmesh.agent.cache import CachedEntry, CachedSvid, SvidCache, rotation_due
+from trustmesh.agent.node_store import load_node, save_node
+from trustmesh.agent.server_client import NodeCredentials, ServerClient, make_csr
+from trustmesh.config import AgentConfig
+from trustmesh.errors import ConfigError, PermissionDenied, TrustmeshError, Unavailable
+from trustmesh.log import get_logger
+from trustmesh.proto import agent_pb2
+
+__all__ = ["Agent", "run_agent"]
+
+log = get_logger("trustmesh.agent")
+
+_BACKOFF_MIN = 0.5
+_BACKOFF_MAX = 30.0
+_SIGN_BATCH = 200
+
+
+def entry_from_proto(e: agent_pb2.Entry) -> CachedEntry:
+    return CachedEntry(
+        id=e.id, spiffe_id=e.spiffe_id, parent_id=e.parent_id,
+        selectors=frozenset(e.selectors), x509_svid_ttl=e.x509_svid_ttl,
+        jwt_svid_ttl=e.jwt_svid_ttl, dns_names=tuple(e.dns_names),
+        federates_with=tuple(e.federates_with), hint=e.hint, revision=e.revision)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        try:
+            self.bundle_pem = Path(config.trust_bundle).read_bytes()
+            self.roots = tuple(x509.load_pem_x509_certificates(self.bundle_pem))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the trust bundle {config.trust_bundle}: {exc}",
+                              field="trust_bundle") from None
+        self.client = ServerClient(config.server_address, config.effective_attest_address,
+                                   self.bundle_pem)
+        self.cache = SvidCache()
+        self.node: NodeCredentials | None = None
+        self.changed = asyncio.Event()  # set whenever workloads may see something new
+        self.server_reachable = False
+
+    # -- node identity -----------------------------------------------------------------
+    async def establish_node(self) -> NodeCredentials:
+        """Reuse the stored node SVID (renewing it proves the agent is still trusted),
+        or attest with a join token / x509pop."""
+        stored = load_node(self.config.data_dir)
+        if stored is not None and stored.expires_at > self.clock():
+            try:
+                node = await self.client.renew(stored)
+                log.info("re-attested with the stored node SVID",
+                         extra={"spiffe_id": node.spiffe_id})
+                return self._keep(node)
+            except PermissionDenied:
+                raise
+            except TrustmeshError as exc:
+                log.warning("could not renew the stored node SVID; using it as is",
+                            extra={"error": str(exc)})
+                return stored
+        if self.config.join_token:
+            node = await self.client.attest_join_token(self.config.join_token)
+        elif self.config.x509pop_cert and self.config.x509pop_key:
+            node = await self._attest_x509pop()
+        elif stored is not None:
+            raise ConfigError("the stored node SVID has expired; attest again with "
+                              "--join-token or the x509pop flags")
+        else:
+            raise ConfigError("first start: give --join-token or --x509pop-cert/--x509pop-key")
+        log.info("node attested", extra={"spiffe_id": node.spiffe_id})
+        return self._keep(node)
+
+    async def _attest_x509pop(self) -> NodeCredentials:
+        assert self.config.x509pop_cert and self.config.x509pop_key
+        try:
+            certs = x509.load_pem_x509_certificates(Path(self.config.x509pop_cert).read_bytes())
+            key = serialization.load_pem_private_key(
+                Path(self.config.x509pop_key).read_bytes(), None)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the x509pop certificate or key: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError("x509pop needs an EC node key")
+        chain = b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
+        return await self.client.attest_x509pop(chain, key)
+
+    def _keep(self, node: NodeCredentials) -> NodeCredentials:
+        save_node(self.config.data_dir, node)
+        self.node = node
+        return node
+
+    # -- one round of work ---------------------------------------------------------------
+    async def sync_once(self) -> None:
+        assert self.node is not None
+        if rotation_due(self.node.issued_at, self.node.expires_at, self.clock()):
+            self._keep(await self.client.renew(self.node))
+            log.info("renewed the node SVID")
+        more = True
+        while more:
+            resp = await self.client.sync_entries(self.node, self.cache.revision)
+            upserts = [entry_from_proto(c.entry) for c in resp.changes if not c.removed]
+            removed = [c.id for c in resp.changes if c.removed]
+            if self.cache.apply_changes(upserts, removed, resp.revision):
+                self.changed.set()
+            more = resp.more
+        await self.rotate()
+
+    async def rotate(self) -> None:
+        assert self.node is not None
+        due = self.cache.due(self.clock())
+        for start in range(0, len(due), _SIGN_BATCH):
+            batch = due[start:start + _SIGN_BATCH]
+            keys = {e: ec.generate_private_key(ec.SECP256R1()) for e in batch}
+            results = await self.client.sign_svids(self.node,
+                                                   [(e, make_csr(keys[e])) for e in batch])
+            fresh = []
+            for r in results:
+                entry = self.cache.entries.get(r.entry_id)
+                if r.error_code or entry is None:
+                    log.warning("SVID not signed", extra={"entry_id": r.entry_id,
+                                                          "error": r.error_message})
+                    continue
+                chain = tuple(x509.load_der_x509_certificate(d) for d in r.svid_chain)
+                fresh.append(CachedSvid(r.entry_id, entry.revision, entry.spiffe_id,
+                                        keys[r.entry_id], chain, entry.hint))
+            self.cache.store(fresh)
+            if fresh:
+                log.info("signed SVIDs", extra={"count": len(fresh)})
+                self.changed.set()
+        if self.cache.expire(self.clock()):
+            self.changed.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sync and rotate until ``stop`` is set; never give up on a missing server."""
+        backoff = _BACKOFF_MIN
+        while not stop.is_set():
+            try:
+                await self.sync_once()
+                if not self.server_reachable:
+                    log.info("connected to the server", extra={
+                        "server": self.config.server_address})
+                self.server_reachable = True
+                backoff = _BACKOFF_MIN
+                wait = self.config.sync_interval.total_seconds()
+            except PermissionDenied as exc:
+                log.error("the server refuses this agent", extra={"error": str(exc)})
+                self.server_reachable = False
+                wait = backoff = min(_BACKOFF_MAX, backoff * 2)
+            except (Unavailable, TrustmeshError) as exc:
+                if self.server_reachable:
+                    log.warning("lost the server; serving cached SVIDs",
+                                extra={"error": str(exc)})
+                self.server_reachable = False
+                backoff = min(_BACKOFF_MAX, backoff * 2)
+                wait = backoff
+                if self.cache.expire(self.clock()):
+                    self.changed.set()
+            jittered = wait * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=jittered)
+
+
+async def serve_agent(config: AgentConfig, stop: asyncio.Event) -> None:
+    agent = Agent(config)
+    backoff = _BACKOFF_MIN
+    while not stop.is_set():
+        try:
+            await agent.establish_node()
+            break
+        except (ConfigError, PermissionDenied):
+            raise
+        except TrustmeshError as exc:
+            log.warning("cannot reach the server to attest; retrying",
+                        extra={"error": str(exc)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=backoff)
+            backoff = min(_BACKOFF_MAX, backoff * 2)
+    if stop.is_set():
+        return
+    from trustmesh.agent.workload_source import start_workload_api
+
+    workload_api = await start_workload_api(agent, config.socket)
+    log.info("agent ready", extra={"spiffe_id": agent.node.spiffe_id if agent.node else "",
+                                   "socket": str(config.socket)})
+    try:
+        await agent.run(stop)
+    finally:
+        await workload_api.stop()
+        await agent.client.close()
+
+
+def run_agent(config: AgentConfig) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_agent(config, stop)
+
+    asyncio.run(main())
