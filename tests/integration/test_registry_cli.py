@@ -8,11 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from trustmesh.spiffe.ids import TrustDomain
 
 from harness import ServerProcess
 from trustmesh.errors import PermissionDenied
 from trustmesh.server.registry import Registry
+from trustmesh.spiffe.ids import TrustDomain
 from trustmesh.store.datastore import Datastore
 
 

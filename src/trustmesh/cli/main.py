@@ -32,6 +32,7 @@ _GROUPS: tuple[tuple[str, str], ...] = (
     ("trustmesh.cli.ca", "ca"),
     ("trustmesh.cli.entry", "entry"),
     ("trustmesh.cli.token", "token"),
+    ("trustmesh.cli.bundle", "bundle"),
     ("trustmesh.cli.agent", "agent"),
     ("trustmesh.cli.netpol", "netpol"),
     ("trustmesh.cli.rbac", "rbac"),

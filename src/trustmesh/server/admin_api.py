@@ -19,7 +19,7 @@ from aiohttp import web
 from trustmesh.config import parse_duration
 from trustmesh.errors import InternalError, InvalidInput, PermissionDenied, TrustmeshError
 from trustmesh.log import get_logger
-from trustmesh.server.authority import CertificateAuthority, IssueParams
+from trustmesh.server.authority import CertificateAuthority, IssueParams, chain_pem
 from trustmesh.server.issuance import AsyncIssuer
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.registry import Registry
@@ -239,6 +239,11 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
     app.router.add_get("/v1/agents", list_agents)
     app.router.add_post("/v1/agents/evict", evict_agent)
 
+    async def show_bundle(_: web.Request) -> web.Response:
+        bundle = await run(ca.bundle)
+        return web.json_response({"bundle": bundle, "pem": chain_pem(ca.anchors)})
+
+    app.router.add_get("/v1/bundle", show_bundle)
     app.router.add_get("/v1/ca", show_ca)
     app.router.add_post("/v1/certificates", issue)
     app.router.add_get("/v1/certificates/{serial}", show_cert)

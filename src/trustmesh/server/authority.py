@@ -54,6 +54,7 @@ from trustmesh.pki.ocsp import (
     Status,
 )
 from trustmesh.pki.templates import get_template
+from trustmesh.server.bundle import BundlePublisher
 from trustmesh.server.issuance import SignItem, SignOutcome, sign_requests
 from trustmesh.server.journal import RevocationJournal
 from trustmesh.server.jwt_authority import JwtAuthority
@@ -193,6 +194,7 @@ class CertificateAuthority:
         self._replay_journal()
         self.ensure_crl(force=self.store.latest_crl(self.ca_id) is None)
         self.jwt = JwtAuthority(datastore, keys, clock)
+        self.bundles = BundlePublisher(datastore)
 
     # -- hierarchy -------------------------------------------------------------
     @property
@@ -547,6 +549,13 @@ class CertificateAuthority:
                 field="idempotency_key",
             )
         return IssuedCertificate(record.der, self.chain, record.serial, reused=True)
+
+    def bundle(self) -> dict[str, Any]:
+        """This trust domain's bundle (SPIFFE format): trust anchors and JWT keys."""
+        return self.bundles.current(self.anchors, self.jwt.published())
+
+    def bundle_jwks(self) -> bytes:
+        return json.dumps(self.bundle(), indent=2).encode()
 
     def issue_server_identity(self, ttl: timedelta) -> tuple[Any, tuple[x509.Certificate, ...]]:
         """A fresh key and X509-SVID (spiffe://<td>/trustmesh/server) for the agent API."""

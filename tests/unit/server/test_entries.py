@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from trustmesh.spiffe.ids import SpiffeId, TrustDomain
 
 from trustmesh.errors import InvalidInput
 from trustmesh.server.entries import (
@@ -15,6 +14,7 @@ from trustmesh.server.entries import (
     entry_from_input,
     parse_selector,
 )
+from trustmesh.spiffe.ids import SpiffeId, TrustDomain
 
 TD = TrustDomain.parse("example.org")
 BASE: dict[str, Any] = {
