@@ -7,7 +7,9 @@ they expire, and calls are retried with exponential backoff and jitter.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import random
 import signal
 import time
@@ -59,6 +61,7 @@ class Agent:
         self.node: NodeCredentials | None = None
         self.changed = asyncio.Event()  # set whenever workloads may see something new
         self.server_reachable = False
+        self.bundle_doc: dict[str, object] | None = None  # the SPIFFE bundle from the server
 
     # -- node identity -----------------------------------------------------------------
     async def establish_node(self) -> NodeCredentials:
@@ -121,7 +124,28 @@ class Agent:
             if self.cache.apply_changes(upserts, removed, resp.revision):
                 self.changed.set()
             more = resp.more
+        await self.refresh_bundle()
         await self.rotate()
+
+    async def refresh_bundle(self) -> None:
+        """Keep the trust domain's bundle (X.509 roots and JWT keys) current."""
+        assert self.node is not None
+        doc = json.loads(await self.client.fetch_bundle(self.node))
+        if self.bundle_doc is None or doc.get("spiffe_sequence") != self.bundle_doc.get(
+                "spiffe_sequence"):
+            self.bundle_doc = doc
+            roots = [x509.load_der_x509_certificate(base64.b64decode(k["x5c"][0]))
+                     for k in doc.get("keys", []) if k.get("use") == "x509-svid" and k.get("x5c")]
+            if roots:
+                self.roots = tuple(roots)
+            self.changed.set()
+            log.info("bundle updated", extra={"sequence": doc.get("spiffe_sequence")})
+
+    def jwt_bundle_jwks(self) -> bytes:
+        """The JWT authorities only, as a JWKS (what Workload API clients expect)."""
+        keys = [k for k in (self.bundle_doc or {}).get("keys", [])  # type: ignore[attr-defined]
+                if k.get("use") == "jwt-svid"]
+        return json.dumps({"keys": keys}).encode()
 
     async def rotate(self) -> None:
         assert self.node is not None
