@@ -107,7 +107,7 @@ def main() -> None:
             [str(VENV_BIN / "trustmesh"), "server", "run", "--data-dir", str(data),
              "--http-address", f"127.0.0.1:{port}", "--key-manager", "memory",
              "--bind-address", f"127.0.0.1:{free_port()}",
-             "--attest-address", f"127.0.0.1:{free_port()}",
+             "--attest-address", f"127.0.0.1:{free_port()}", "--admin-address", "",
              "--signing-workers", "0", "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "wb"))  # noqa: SIM115
         procs.append(srv)

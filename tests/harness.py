@@ -63,6 +63,7 @@ class ServerProcess:
         self.port = port or free_port()
         self.agent_port = free_port()
         self.attest_port = free_port()
+        self.admin_port = free_port()
         self.extra_args = list(extra_args)
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -83,7 +84,8 @@ class ServerProcess:
             [TRUSTMESH, "server", "run", "--data-dir", str(self.data_dir),
              "--http-address", f"127.0.0.1:{self.port}",
              "--bind-address", f"127.0.0.1:{self.agent_port}",
-             "--attest-address", f"127.0.0.1:{self.attest_port}", *self.extra_args],
+             "--attest-address", f"127.0.0.1:{self.attest_port}",
+             "--admin-address", f"127.0.0.1:{self.admin_port}", *self.extra_args],
             stdout=log, stderr=log, env={**os.environ, **self.env},
         )
         deadline = time.monotonic() + timeout

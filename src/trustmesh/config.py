@@ -106,6 +106,8 @@ class ServerConfig(BaseModel):
     # Agent API (gRPC over TLS): node attestation, entry sync, SVID signing.
     bind_address: str = "127.0.0.1:8081"  # mutual TLS: agents present their node SVID
     attest_address: str = "127.0.0.1:8082"  # TLS: nodes without an SVID yet (Attest only)
+    # Remote admin API: HTTPS, client certificate required, every call checked by RBAC.
+    admin_address: str | None = "127.0.0.1:8443"
     agent_svid_ttl: timedelta = timedelta(hours=1)
     server_svid_ttl: timedelta = timedelta(hours=24)
     x509pop_ca: Path | None = None  # CA bundle whose node certificates may attest
@@ -163,6 +165,11 @@ class ServerConfig(BaseModel):
                 "a trust domain is lower-case letters, digits, '.', '-' and '_' only"
             )
         return v
+
+    @field_validator("admin_address")
+    @classmethod
+    def _optional_address(cls, v: str | None) -> str | None:
+        return None if not v else cls._address(v)
 
     @field_validator("http_address", "bind_address", "attest_address")
     @classmethod

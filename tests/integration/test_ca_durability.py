@@ -226,4 +226,5 @@ def _server_cmd(srv: ServerProcess) -> list[str]:
 
     return [TRUSTMESH, "server", "run", "--data-dir", str(srv.data_dir), "--http-address",
             f"127.0.0.1:{srv.port}", "--bind-address", f"127.0.0.1:{srv.agent_port}",
-            "--attest-address", f"127.0.0.1:{srv.attest_port}", *srv.extra_args]
+            "--attest-address", f"127.0.0.1:{srv.attest_port}",
+            "--admin-address", f"127.0.0.1:{srv.admin_port}", *srv.extra_args]

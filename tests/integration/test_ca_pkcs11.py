@@ -62,6 +62,7 @@ def test_wrong_pin_is_a_clear_startup_error(tmp_path: Path,
         [TRUSTMESH, "server", "run", "--data-dir", str(tmp_path / "d"), "--http-address",
          f"127.0.0.1:{free_port()}", "--bind-address", f"127.0.0.1:{free_port()}",
          "--attest-address", f"127.0.0.1:{free_port()}",
+         "--admin-address", f"127.0.0.1:{free_port()}",
          "--key-manager", "pkcs11", "--pkcs11-module",
          str(token.module), "--pkcs11-token-label", "tm", "--pkcs11-pin-env", "TM_PIN"],
         capture_output=True, text=True, timeout=60)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
+from trustmesh.cli._client import AdminClient, socket_option
 from trustmesh.cli._output import emit_json, fail, output_option
 from trustmesh.errors import InvalidInput, TrustmeshError
 from trustmesh.policy.rbac import (
@@ -212,3 +214,51 @@ def lint_cmd(files: tuple[str, ...], output: str) -> None:
 def defaults() -> None:
     """Print the roles and binding a new trustmesh server starts with (YAML)."""
     click.echo(DEFAULT_POLICY_YAML, nl=False)
+
+
+@rbac.group("policy")
+def policy() -> None:
+    """The RBAC policy the server enforces on its remote admin API."""
+
+
+@policy.command("show")
+@socket_option
+def policy_show(socket_path: Path | None) -> None:
+    """Print the server's RBAC policy (YAML)."""
+    try:
+        result = AdminClient(socket_path).request("GET", "/v1/rbac")
+    except TrustmeshError as err:
+        fail(err)
+        return
+    click.echo(result["policy"], nl=False)
+
+
+@policy.command("apply")
+@click.option("-f", "--file", "file_path", required=True, metavar="FILE",
+              help="RBAC YAML (Roles, ClusterRoles, bindings); '-' for stdin.")
+@socket_option
+@output_option()
+def policy_apply(file_path: str, socket_path: Path | None, output: str) -> None:
+    """Replace the server's RBAC policy; nothing changes if the file is invalid.
+
+    \b
+    Example (let the group "auditors" read everything):
+      trustmesh rbac policy show > policy.yaml   # edit, then:
+      trustmesh rbac policy apply -f policy.yaml
+    """
+    try:
+        text = (sys.stdin.read() if file_path == "-" else Path(file_path).read_text())
+    except OSError as exc:
+        fail(InvalidInput(f"cannot read {file_path}: {exc.strerror}"), output)
+        return
+    try:
+        result = AdminClient(socket_path).request("PUT", "/v1/rbac", json={"policy": text})
+    except TrustmeshError as err:
+        fail(err, output)
+        return
+    if output == "json":
+        emit_json(result)
+    else:
+        click.echo("RBAC policy applied")
+        for b in result["bindings_to_missing_roles"]:
+            click.echo(f"warning: {b} refers to a role that does not exist", err=True)

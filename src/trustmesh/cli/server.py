@@ -31,6 +31,9 @@ def _server_options(fn: Any) -> Any:
         click.option("--attest-address", envvar="TRUSTMESH_ATTEST_ADDRESS",
                      help="HOST:PORT where nodes without an SVID attest (TLS, Attest only)  "
                           "[default: 127.0.0.1:8082]"),
+        click.option("--admin-address", envvar="TRUSTMESH_ADMIN_ADDRESS",
+                     help="HOST:PORT of the remote admin API (HTTPS, client certificate, "
+                          "RBAC); empty to disable  [default: 127.0.0.1:8443]"),
         click.option("--agent-svid-ttl", help="Lifetime of node X509-SVIDs  [default: 1h]"),
         click.option("--x509pop-ca", type=click.Path(dir_okay=False, path_type=Path),
                      help="PEM CAs whose node certificates may attest with x509pop."),

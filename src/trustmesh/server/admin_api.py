@@ -12,19 +12,32 @@ import pwd
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from trustmesh.config import parse_duration
 from trustmesh.errors import InternalError, InvalidInput, PermissionDenied, TrustmeshError
 from trustmesh.log import get_logger
+from trustmesh.policy.rbac import TRUSTMESH_API_GROUP
+from trustmesh.policy.rbac import Request as RbacRequest
 from trustmesh.server.authority import CertificateAuthority, IssueParams, chain_pem
 from trustmesh.server.issuance import AsyncIssuer
 from trustmesh.server.metrics import ServerMetrics
+from trustmesh.server.rbac_store import RbacPolicyStore
 from trustmesh.server.registry import Registry
 
-__all__ = ["build_admin_app", "peer_uid"]
+__all__ = [
+    "ROUTE_PERMISSIONS",
+    "Caller",
+    "build_admin_app",
+    "local_caller",
+    "peer_uid",
+    "remote_caller_from_certificate",
+]
 
 log = get_logger("trustmesh.server.admin")
 
@@ -63,18 +76,85 @@ _ISSUE_FIELDS = {"csr", "template", "validity", "dns_names", "uris", "ip_address
                  "path_length", "idempotency_key"}
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the audit log's actor, and the identity RBAC checks (remote only)."""
+
+    actor: str
+    user: str = ""
+    groups: tuple[str, ...] = ()
+    local: bool = False
+
+
+# (method, route) -> (verb, resource, subresource, name taken from this path parameter)
+ROUTE_PERMISSIONS: dict[tuple[str, str], tuple[str, str, str, str]] = {
+    ("GET", "/v1/ca"): ("get", "ca", "", ""),
+    ("POST", "/v1/certificates"): ("create", "certificates", "", ""),
+    ("GET", "/v1/certificates/{serial}"): ("get", "certificates", "", "serial"),
+    ("POST", "/v1/certificates/{serial}/revoke"): ("update", "certificates", "revoke", "serial"),
+    ("GET", "/v1/audit"): ("list", "audit", "", ""),
+    ("POST", "/v1/entries"): ("create", "entries", "", ""),
+    ("GET", "/v1/entries"): ("list", "entries", "", ""),
+    ("GET", "/v1/entries/{id}"): ("get", "entries", "", "id"),
+    ("PATCH", "/v1/entries/{id}"): ("update", "entries", "", "id"),
+    ("DELETE", "/v1/entries/{id}"): ("delete", "entries", "", "id"),
+    ("POST", "/v1/tokens"): ("create", "tokens", "", ""),
+    ("GET", "/v1/agents"): ("list", "agents", "", ""),
+    ("POST", "/v1/agents/evict"): ("delete", "agents", "", ""),
+    ("GET", "/v1/bundle"): ("get", "bundles", "", ""),
+    ("GET", "/v1/rbac"): ("get", "rbacpolicies", "", ""),
+    ("PUT", "/v1/rbac"): ("update", "rbacpolicies", "", ""),
+}
+
+
+def local_caller(request: web.Request) -> Caller:
+    """The local socket: the kernel names the caller; only root and the server's user."""
+    uid = peer_uid(request)
+    if uid is None or uid not in {0, os.getuid()}:
+        log.warning("refused admin API caller", extra={"uid": uid})
+        raise PermissionDenied(
+            f"uid {uid} may not use the admin socket; only root and the server's user may")
+    return Caller(_actor(uid), local=True)
+
+
+def remote_caller_from_certificate(cert: x509.Certificate) -> Caller:
+    """A client certificate's identity: its SPIFFE ID, or its CN with O as groups
+    (the Kubernetes convention for client certificates)."""
+    groups = tuple(str(a.value) for a in cert.subject.get_attributes_for_oid(
+        NameOID.ORGANIZATION_NAME))
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    spiffe = [u for u in uris if u.startswith("spiffe://")]
+    if spiffe:
+        user = spiffe[0]
+    else:
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not cns:
+            raise PermissionDenied("the client certificate names no user (no SPIFFE ID, no CN)")
+        user = str(cns[0].value)
+    return Caller(f"tls:{user}", user=user, groups=groups)
+
+
 def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
-                    issuer: AsyncIssuer, registry: Registry) -> web.Application:
-    allowed_uids = {0, os.getuid()}
+                    issuer: AsyncIssuer, registry: Registry, *,
+                    authenticate: Callable[[web.Request], Caller] = local_caller,
+                    policy: RbacPolicyStore | None = None) -> web.Application:
+    """The admin API. Local callers (the socket) are trusted; remote callers (mTLS)
+    are authorized on every call by the RBAC policy."""
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        uid = peer_uid(request)
-        if uid is None or uid not in allowed_uids:
-            log.warning("refused admin API caller", extra={"uid": uid})
-            return _error_response(PermissionDenied(
-                f"uid {uid} may not use the admin socket; only root and the server's user may"))
-        request["actor"] = _actor(uid)
+        try:
+            caller = authenticate(request)
+            if not caller.local:
+                _authorize(request, caller)
+        except TrustmeshError as err:
+            return _error_response(err)
+        request["actor"] = caller.actor
+        request["caller"] = caller
         try:
             return await handler(request)
         except TrustmeshError as err:
@@ -85,6 +165,23 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
             log.exception("admin API request failed", extra={"path": request.path})
             return _error_response(InternalError(
                 "internal error while handling the request; see the server log"))
+
+    def _authorize(request: web.Request, caller: Caller) -> None:
+        route = request.match_info.route.resource
+        canonical = route.canonical if route is not None else request.path
+        perm = ROUTE_PERMISSIONS.get((request.method, canonical))
+        if perm is None or policy is None:
+            raise PermissionDenied(f"{request.method} {request.path} is not available "
+                                   "remotely")
+        verb, resource, subresource, name_param = perm
+        name = request.match_info.get(name_param, "") if name_param else ""
+        req = RbacRequest(user=caller.user, verb=verb, resource=resource,
+                          subresource=subresource, api_group=TRUSTMESH_API_GROUP, name=name,
+                          groups=caller.groups)
+        decision = policy.authorizer().authorize(req)
+        if not decision.allowed:
+            log.warning("RBAC denied", extra={"user": caller.user, "request": req.describe()})
+            raise PermissionDenied(f"{caller.user} may not {req.describe()}")
 
     app = web.Application(middlewares=[guard], client_max_size=1024 * 1024)
 
@@ -243,6 +340,23 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
         bundle = await run(ca.bundle)
         return web.json_response({"bundle": bundle, "pem": chain_pem(ca.anchors)})
 
+    async def show_rbac(_: web.Request) -> web.Response:
+        if policy is None:
+            raise InvalidInput("this server has no RBAC policy store")
+        return web.json_response({"policy": await run(policy.yaml)})
+
+    async def apply_rbac(request: web.Request) -> web.Response:
+        if policy is None:
+            raise InvalidInput("this server has no RBAC policy store")
+        body = await json_body(request)
+        text = body.get("policy")
+        if not isinstance(text, str):
+            raise InvalidInput("expected {\"policy\": \"<RBAC YAML>\"}", field="policy")
+        report = await run(policy.replace, text, request["actor"])
+        return web.json_response(report)
+
+    app.router.add_get("/v1/rbac", show_rbac)
+    app.router.add_put("/v1/rbac", apply_rbac)
     app.router.add_get("/v1/bundle", show_bundle)
     app.router.add_get("/v1/ca", show_ca)
     app.router.add_post("/v1/certificates", issue)

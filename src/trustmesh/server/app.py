@@ -7,7 +7,9 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,17 +20,18 @@ from cryptography.hazmat.primitives import serialization
 
 from trustmesh.clock import Clock, SystemClock
 from trustmesh.config import ServerConfig
-from trustmesh.errors import ConfigError
+from trustmesh.errors import ConfigError, PermissionDenied, Unauthenticated
 from trustmesh.log import get_logger
 from trustmesh.pki.keys import open_key_manager
 from trustmesh.proto import agent_pb2_grpc
-from trustmesh.server.admin_api import build_admin_app
+from trustmesh.server.admin_api import Caller, build_admin_app, remote_caller_from_certificate
 from trustmesh.server.agent_api import AgentApi, X509PopConfig
 from trustmesh.server.authority import CertificateAuthority
 from trustmesh.server.entry_cache import EntryCache
 from trustmesh.server.http import build_public_app
 from trustmesh.server.issuance import AsyncIssuer, default_worker_count
 from trustmesh.server.metrics import ServerMetrics
+from trustmesh.server.rbac_store import RbacPolicyStore
 from trustmesh.server.registry import Registry
 from trustmesh.spiffe.ids import TrustDomain
 from trustmesh.store.datastore import Datastore
@@ -77,6 +80,7 @@ class ServerIdentity:
         self._ttl = ttl
         self._lock = threading.Lock()
         self.version = 0
+        self._on_rotate: list[Callable[[], None]] = []
         self._issue()
 
     def _issue(self) -> None:
@@ -101,8 +105,37 @@ class ServerIdentity:
         if self._ca.clock.now() < self.refresh_at:
             return False
         self._issue()
+        for reload in self._on_rotate:
+            reload()
         log.info("renewed the server's X509-SVID")
         return True
+
+    def on_rotate(self, callback: Callable[[], None]) -> None:
+        self._on_rotate.append(callback)
+
+    def admin_ssl_context(self, tls_dir: Path) -> ssl.SSLContext:
+        """TLS for the remote admin API: our X509-SVID, client certificates required
+        and verified against the trust anchors."""
+        tls_dir.mkdir(mode=0o700, exist_ok=True)
+        key_file, cert_file = tls_dir / "server.key", tls_dir / "server.pem"
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=self.roots_pem.decode())
+
+        def load() -> None:
+            with self._lock:
+                for path, data in ((key_file, self.key_pem), (cert_file, self.chain_pem)):
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    try:
+                        os.write(fd, data)
+                    finally:
+                        os.close(fd)
+                ctx.load_cert_chain(cert_file, key_file)
+
+        load()
+        self.on_rotate(load)
+        return ctx
 
     def tls_config(self) -> grpc.ServerCertificateConfiguration:
         with self._lock:
@@ -176,9 +209,37 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
     await issuer.start()
     public = web.AppRunner(build_public_app(ca, metrics), access_log=None)
     registry = Registry(ca.store, TrustDomain.parse(config.trust_domain), clock)
-    admin = web.AppRunner(build_admin_app(ca, metrics, issuer, registry), access_log=None)
+    rbac_policy = RbacPolicyStore(ca.store)
+    admin = web.AppRunner(build_admin_app(ca, metrics, issuer, registry,
+                                          policy=rbac_policy), access_log=None)
     identity = ServerIdentity(ca, config.server_svid_ttl)
     agent_server = await start_agent_api(config, ca, issuer, registry, identity, clock)
+    remote: web.AppRunner | None = None
+    if config.admin_address:
+        def authenticate(request: web.Request) -> Caller:
+            ssl_object = request.transport.get_extra_info("ssl_object") if (
+                request.transport) else None
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+            if not der:
+                raise Unauthenticated("a client certificate is required")
+            cert = x509.load_der_x509_certificate(der)
+            status = ca.store.certificate_status(format(cert.serial_number, "x"))
+            if status is not None and status[1] == "revoked":
+                raise PermissionDenied("the client certificate has been revoked")
+            return remote_caller_from_certificate(cert)
+
+        remote = web.AppRunner(build_admin_app(ca, metrics, issuer, registry,
+                                               authenticate=authenticate, policy=rbac_policy),
+                               access_log=None)
+        await remote.setup()
+        rhost, _, rport = config.admin_address.rpartition(":")
+        try:
+            await web.TCPSite(remote, rhost.strip("[]"), int(rport),
+                              ssl_context=identity.admin_ssl_context(config.data_dir / "tls"),
+                              reuse_address=True).start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {config.admin_address}: {exc.strerror}",
+                              field="admin_address") from None
     await public.setup()
     await admin.setup()
     host, _, port = config.http_address.rpartition(":")
@@ -206,7 +267,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
                "ca_id": ca.ca_id, "crl_url": ca.authority.urls.crl_url,
                "ocsp_url": ca.authority.urls.ocsp_url,
                "signing_workers": issuer.pool.workers if issuer.pool else 0,
-               "agent_api": config.bind_address, "attest_api": config.attest_address},
+               "agent_api": config.bind_address, "attest_api": config.attest_address,
+               "remote_admin_api": config.admin_address},
     )
 
     async def housekeeping() -> None:
@@ -229,6 +291,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await agent_server.stop(grace=2)
+        if remote is not None:
+            await remote.cleanup()
         await public.cleanup()
         await admin.cleanup()
         await issuer.close()
