@@ -126,15 +126,16 @@ async def ours_rate(ca: CertificateAuthority, workers: int, requests: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=6000)
+    ap.add_argument("--requests", type=int, default=4000, help="per round")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--concurrency", type=int, default=512)
-    ap.add_argument("--floor-seconds", type=float, default=3.0)
+    ap.add_argument("--floor-seconds", type=float, default=1.5)
     ap.add_argument("--workers", type=int, default=None, help="default: one per core")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI")
     ap.add_argument("--output", choices=["text", "json"], default="text")
     args = ap.parse_args()
     if args.smoke:
-        args.requests, args.floor_seconds, args.concurrency = 200, 0.3, 64
+        args.requests, args.floor_seconds, args.concurrency, args.rounds = 200, 0.3, 64, 1
     workers = default_worker_count() if args.workers is None else args.workers
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,21 +143,33 @@ def main() -> None:
         store = Datastore(config.datastore_url)
         store.migrate()
         ca = CertificateAuthority(config, store, MemoryKeyManager(), SystemClock())
-        floor, _ = floor_rate(args.floor_seconds, ca)
         csrs = make_csrs(64)
-        ours_pool = asyncio.run(ours_rate(ca, workers, args.requests, args.concurrency, csrs))
+        # Interleave floor and ours, several rounds, and report the median ratio:
+        # the machines are shared, so a single pair of numbers is mostly noise.
+        floors: list[float] = []
+        ours: list[float] = []
+        for _ in range(args.rounds):
+            floors.append(floor_rate(args.floor_seconds, ca)[0])
+            ours.append(asyncio.run(ours_rate(ca, workers, args.requests, args.concurrency,
+                                              csrs)))
+        ratios = sorted(o / f for o, f in zip(ours, floors, strict=True))
+        ratio = ratios[len(ratios) // 2]
+        floor = sorted(floors)[len(floors) // 2]
+        ours_pool = sorted(ours)[len(ours) // 2]
         ours_single = asyncio.run(ours_rate(ca, 0, max(100, args.requests // 4),
                                             args.concurrency, csrs))
+        single_floor = floor_rate(args.floor_seconds, ca)[0]
         stored = store.count_certificates()
         store.close()
 
     result = {
         "floor_per_s_one_core": round(floor, 1),
         "ours_per_s": round(ours_pool, 1),
+        "ratios_per_round": [round(r, 3) for r in ratios],
         "ours_workers": workers,
         "ours_per_s_in_process": round(ours_single, 1),
-        "ratio_ours_to_floor": round(ours_pool / floor, 3),
-        "ratio_in_process_to_floor": round(ours_single / floor, 3),
+        "ratio_ours_to_floor": round(ratio, 3),
+        "ratio_in_process_to_floor": round(ours_single / single_floor, 3),
         "target_ratio": 0.5,
         "requests": args.requests,
         "certificates_stored": stored,
@@ -166,11 +179,13 @@ def main() -> None:
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
-        print(f"floor (cryptography, 1 core):      {floor:9.1f} certs/s")
+        print(f"floor (cryptography, 1 core):      {floor:9.1f} certs/s  (median of "
+              f"{args.rounds} rounds)")
         print(f"trustmesh, {workers} signing workers:     {ours_pool:9.1f} certs/s  "
-              f"ratio {ours_pool / floor:.2f} (target >= 0.50)")
+              f"ratio {ratio:.2f} (target >= 0.50; per round: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
         print(f"trustmesh, in-process signing:     {ours_single:9.1f} certs/s  "
-              f"ratio {ours_single / floor:.2f}")
+              f"ratio {ours_single / single_floor:.2f}")
         print(f"certificates stored: {stored}")
 
 

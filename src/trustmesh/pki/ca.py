@@ -335,6 +335,43 @@ def _host_within(host: str, constraint: str) -> bool:
     return host == constraint or host.endswith("." + constraint)
 
 
+_ISSUER_EXTENSIONS: dict[tuple[int, bool], tuple[x509.ExtensionType, ...]] = {}
+
+
+def _issuer_extensions(authority: SigningAuthority, *, with_ocsp: bool
+                       ) -> tuple[x509.ExtensionType, ...]:
+    """AKI, CRL distribution point and AIA: the same for every certificate a CA signs,
+    so built once per CA (extension values are immutable)."""
+    key = (id(authority.certificate), with_ocsp)
+    cached = _ISSUER_EXTENSIONS.get(key)
+    if cached is not None:
+        return cached
+    exts: list[x509.ExtensionType] = [
+        _aki_from_issuer(authority.certificate),
+        x509.CRLDistributionPoints([x509.DistributionPoint(
+            full_name=[x509.UniformResourceIdentifier(authority.urls.crl_url)],
+            relative_name=None, reasons=None, crl_issuer=None)]),
+    ]
+    if with_ocsp:
+        access = [x509.AccessDescription(AuthorityInformationAccessOID.OCSP,
+                                         x509.UniformResourceIdentifier(authority.urls.ocsp_url))]
+        if authority.urls.ca_issuers_url:
+            access.append(x509.AccessDescription(
+                AuthorityInformationAccessOID.CA_ISSUERS,
+                x509.UniformResourceIdentifier(authority.urls.ca_issuers_url)))
+        exts.append(x509.AuthorityInformationAccess(access))
+    result = tuple(exts)
+    if len(_ISSUER_EXTENSIONS) > 64:
+        _ISSUER_EXTENSIONS.clear()
+    # keep the certificate alive with the entry so its id() cannot be reused
+    _ISSUER_EXTENSIONS[key] = result
+    _ISSUER_KEEPALIVE[key] = authority.certificate
+    return result
+
+
+_ISSUER_KEEPALIVE: dict[tuple[int, bool], x509.Certificate] = {}
+
+
 def issue_certificate(
     authority: SigningAuthority,
     request: IssuanceRequest,
@@ -408,33 +445,6 @@ def issue_certificate(
             x509.SubjectAlternativeName(names.to_general_names()), critical=not subject.rdns
         )
     builder = builder.add_extension(_ski(public_key), critical=False)
-    builder = builder.add_extension(_aki_from_issuer(authority.certificate), critical=False)
-    builder = builder.add_extension(
-        x509.CRLDistributionPoints(
-            [
-                x509.DistributionPoint(
-                    full_name=[x509.UniformResourceIdentifier(authority.urls.crl_url)],
-                    relative_name=None,
-                    reasons=None,
-                    crl_issuer=None,
-                )
-            ]
-        ),
-        critical=False,
-    )
-    if not template.ocsp_nocheck:
-        access = [
-            x509.AccessDescription(
-                AuthorityInformationAccessOID.OCSP,
-                x509.UniformResourceIdentifier(authority.urls.ocsp_url),
-            )
-        ]
-        if authority.urls.ca_issuers_url:
-            access.append(
-                x509.AccessDescription(
-                    AuthorityInformationAccessOID.CA_ISSUERS,
-                    x509.UniformResourceIdentifier(authority.urls.ca_issuers_url),
-                )
-            )
-        builder = builder.add_extension(x509.AuthorityInformationAccess(access), critical=False)
+    for ext in _issuer_extensions(authority, with_ocsp=not template.ocsp_nocheck):
+        builder = builder.add_extension(ext, critical=False)
     return builder.sign(authority.key, signature_hash_for(authority.key))  # type: ignore[arg-type]
