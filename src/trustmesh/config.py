@@ -230,9 +230,11 @@ class AgentConfig(BaseModel):
     join_token: str | None = None
     x509pop_cert: Path | None = None
     x509pop_key: Path | None = None
-    socket: Path = Field(default_factory=lambda: default_home() / "agent" / "public" /
-                         "api.sock")
+    # Outside the private data dir: every local process must be able to reach it.
+    socket: Path = Path("/tmp/trustmesh-agent/public/api.sock")  # noqa: S108
     sync_interval: timedelta = timedelta(seconds=5)
+    # /healthz and /metrics of the agent; empty disables
+    health_address: str | None = "127.0.0.1:8088"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 
@@ -241,11 +243,11 @@ class AgentConfig(BaseModel):
     def _duration(cls, v: Any) -> timedelta:
         return parse_duration(v)
 
-    @field_validator("server_address", "attest_address")
+    @field_validator("server_address", "attest_address", "health_address")
     @classmethod
     def _address(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
+        if not v:
+            return None
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"expected HOST:PORT, got {v!r}")

@@ -54,7 +54,7 @@ def test_agent_attests_syncs_and_signs(srv: ServerProcess, tmp_path: Path) -> No
         assert agent.cache.generation == gen
         assert agent.cache.svids_for(["unix:uid:1000"], time.time())[0] is first
         # half-way through the SVID's life it is renewed with a fresh key
-        agent.clock = lambda: first.not_before + 6 * 60
+        agent.clock = lambda: first.not_before + 7 * 60  # notBefore is backdated 60 s
         await agent.sync_once()
         renewed = agent.cache.svids_for(["unix:uid:1000"], agent.clock())[0]
         assert renewed.chain[0].serial_number != first.chain[0].serial_number

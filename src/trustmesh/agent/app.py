@@ -16,9 +16,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from trustmesh.agent.cache import CachedEntry, CachedSvid, SvidCache, rotation_due
 from trustmesh.agent.node_store import load_node, save_node
@@ -45,6 +47,41 @@ def entry_from_proto(e: agent_pb2.Entry) -> CachedEntry:
         federates_with=tuple(e.federates_with), hint=e.hint, revision=e.revision)
 
 
+class ChangeNotifier:
+    """A generation counter that waiters can block on (an Event that never stays set)."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._cond: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    def set(self) -> None:
+        self.generation += 1
+        cond = self._condition()
+
+        async def notify() -> None:
+            async with cond:
+                cond.notify_all()
+
+        with contextlib.suppress(RuntimeError):  # no running loop: nobody can be waiting
+            asyncio.get_running_loop().create_task(notify())
+
+    async def wait(self, seen: int, timeout: float) -> int:
+        """Return when the generation differs from ``seen`` or after ``timeout``."""
+        if self.generation != seen:
+            return self.generation
+        cond = self._condition()
+        with contextlib.suppress(TimeoutError):
+            async with cond:
+                await asyncio.wait_for(cond.wait_for(lambda: self.generation != seen),
+                                       timeout)
+        return self.generation
+
+
 class Agent:
     def __init__(self, config: AgentConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -59,7 +96,8 @@ class Agent:
                                    self.bundle_pem)
         self.cache = SvidCache()
         self.node: NodeCredentials | None = None
-        self.changed = asyncio.Event()  # set whenever workloads may see something new
+        self.changes = ChangeNotifier()  # pulsed whenever workloads may see something new
+        self.changed = self.changes
         self.server_reachable = False
         self.bundle_doc: dict[str, object] | None = None  # the SPIFFE bundle from the server
 
@@ -164,7 +202,8 @@ class Agent:
                     continue
                 chain = tuple(x509.load_der_x509_certificate(d) for d in r.svid_chain)
                 fresh.append(CachedSvid(r.entry_id, entry.revision, entry.spiffe_id,
-                                        keys[r.entry_id], chain, entry.hint))
+                                        keys[r.entry_id], chain, entry.hint,
+                                        received_at=self.clock()))
             self.cache.store(fresh)
             if fresh:
                 log.info("signed SVIDs", extra={"count": len(fresh)})
@@ -222,13 +261,59 @@ async def serve_agent(config: AgentConfig, stop: asyncio.Event) -> None:
     from trustmesh.agent.workload_source import start_workload_api
 
     workload_api = await start_workload_api(agent, config.socket)
+    health = await start_health(agent, config.health_address)
     log.info("agent ready", extra={"spiffe_id": agent.node.spiffe_id if agent.node else "",
                                    "socket": str(config.socket)})
     try:
         await agent.run(stop)
     finally:
+        if health is not None:
+            await health.cleanup()
         await workload_api.stop()
         await agent.client.close()
+
+
+async def start_health(agent: Agent, address: str | None) -> web.AppRunner | None:
+    """/healthz (200 once attested and serving) and /metrics (Prometheus) of the agent."""
+    if not address:
+        return None
+    registry = CollectorRegistry()
+    Gauge("trustmesh_agent_entries", "Registration entries this agent serves.",
+          registry=registry).set_function(lambda: len(agent.cache.entries))
+    Gauge("trustmesh_agent_svids", "X509-SVIDs in the agent's cache.",
+          registry=registry).set_function(lambda: len(agent.cache.svids))
+    Gauge("trustmesh_agent_server_reachable", "1 when the last sync with the server worked.",
+          registry=registry).set_function(lambda: 1.0 if agent.server_reachable else 0.0)
+    Gauge("trustmesh_agent_registry_revision", "Registry revision the agent has synced to.",
+          registry=registry).set_function(lambda: agent.cache.revision)
+    Gauge("trustmesh_agent_node_svid_not_after_seconds", "Expiry of the node X509-SVID.",
+          registry=registry).set_function(
+              lambda: agent.node.expires_at if agent.node else 0.0)
+
+    async def healthz(_: web.Request) -> web.Response:
+        body = {"status": "ok" if agent.node is not None else "starting",
+                "spiffe_id": agent.node.spiffe_id if agent.node else None,
+                "server_reachable": agent.server_reachable,
+                "entries": len(agent.cache.entries), "svids": len(agent.cache.svids)}
+        return web.json_response(body, status=200 if agent.node is not None else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, _, port = address.rpartition(":")
+    try:
+        await web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}",
+                          field="health_address") from None
+    return runner
 
 
 def run_agent(config: AgentConfig) -> None:

@@ -38,6 +38,7 @@ class CachedSvid:
     key: ec.EllipticCurvePrivateKey
     chain: tuple[x509.Certificate, ...]  # leaf first, intermediates after, no root
     hint: str = ""
+    received_at: float | None = None  # when the agent got it (notBefore is backdated)
 
     @property
     def not_before(self) -> float:
@@ -102,8 +103,10 @@ class SvidCache:
         out = []
         for entry_id, entry in self.entries.items():
             svid = self.svids.get(entry_id)
+            start = svid.received_at if svid is not None and svid.received_at else (
+                svid.not_before if svid is not None else 0.0)
             if (svid is None or svid.entry_revision != entry.revision
-                    or rotation_due(svid.not_before, svid.not_after, now)):
+                    or rotation_due(start, svid.not_after, now)):
                 out.append(entry_id)
         return sorted(out)
 

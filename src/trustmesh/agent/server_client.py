@@ -176,6 +176,16 @@ class ServerClient:
             raise _map_error(exc) from None
         return list(resp.results)
 
+    async def new_jwt_svid(self, creds: NodeCredentials, entry_id: str,
+                           audience: Sequence[str]) -> tuple[str, int]:
+        try:
+            resp = await self._stub(creds).NewJWTSVID(
+                agent_pb2.NewJWTSVIDRequest(entry_id=entry_id, audience=list(audience)),
+                timeout=_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            raise _map_error(exc) from None
+        return resp.token, int(resp.expires_at)
+
     async def fetch_bundle(self, creds: NodeCredentials) -> bytes:
         try:
             resp = await self._stub(creds).FetchBundles(agent_pb2.FetchBundlesRequest(),

@@ -35,10 +35,12 @@ def agent() -> None:
               help="Key of --x509pop-cert.")
 @click.option("--socket", type=click.Path(dir_okay=False, path_type=Path),
               envvar="TRUSTMESH_AGENT_SOCKET",
-              help="Workload API socket  [default: $TRUSTMESH_HOME/agent/public/api.sock]")
+              help="Workload API socket  [default: /tmp/trustmesh-agent/public/api.sock]")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Agent state  [default: $TRUSTMESH_HOME/agent]")
 @click.option("--sync-interval", help="How often to ask the server for changes  [default: 5s]")
+@click.option("--health-address", help="HOST:PORT for /healthz and /metrics; empty disables  "
+              "[default: 127.0.0.1:8088]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["json", "text"]))
 def run(config_file: Path | None, **flags: object) -> None:
