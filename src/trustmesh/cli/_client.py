@@ -123,17 +123,7 @@ class AdminClient:
                     "is for root and the server's user only)"
                 ) from None
             raise Unavailable(f"cannot reach the server at {self.socket_path}: {exc}") from None
-        try:
-            body = resp.json()
-        except ValueError:
-            raise Unavailable(f"the server answered HTTP {resp.status_code} without JSON"
-                              ) from None
-        if resp.status_code >= 400:
-            err = body.get("error", {}) if isinstance(body, dict) else {}
-            raise error_from_code(err.get("code", "internal"),
-                                  err.get("message", f"HTTP {resp.status_code}"),
-                                  err.get("field"))
-        return body
+        return self._decode(resp)
 
     def _remote_request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
