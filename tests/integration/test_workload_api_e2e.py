@@ -205,3 +205,58 @@ def test_x509_source_sees_rotation(world: tuple[ServerProcess, AgentProcess]) ->
         assert leaf.not_valid_after_utc > leaf.not_valid_before_utc
     finally:
         source.close()
+
+
+# spiffe-tls 0.4.0 itself still uses deprecated APIs of py-spiffe and pyOpenSSL.
+@pytest.mark.filterwarnings("ignore:X509Source.* is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Passing pyOpenSSL .* objects is deprecated")
+def test_spiffe_tls_between_two_workloads(world: tuple[ServerProcess, AgentProcess]) -> None:
+    """Two workloads (root and nobody) open mutual TLS to each other with their SVIDs."""
+    import threading
+
+    from spiffe import SpiffeId
+    from spiffetls import ListenOptions, ServerTlsMode, listen
+    from spiffetls.tlsconfig.authorize import authorize_id
+
+    srv, agent = world
+    entry(srv, "spiffe://example.org/server-side", f"unix:uid:{os.getuid()}")
+    entry(srv, "spiffe://example.org/client-side", "unix:uid:65534")
+    agent.start()
+    source = X509Source(socket_path=f"unix://{agent.socket}", timeout_in_seconds=20)
+    port = free_port()
+    listener = listen(f"127.0.0.1:{port}", source, ListenOptions(
+        tls_mode=ServerTlsMode.MTLS,
+        authorize_fn=authorize_id(SpiffeId("spiffe://example.org/client-side"))))
+    got: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            got.append(conn.recv(64))
+            conn.sendall(b"hello from the server side")
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    client = textwrap.dedent(f"""
+        import time
+        from spiffe import SpiffeId, X509Source
+        from spiffetls import ClientTlsMode, dial
+        from spiffetls.tlsconfig.authorize import authorize_id
+        src = X509Source(socket_path="unix://{agent.socket}", timeout_in_seconds=20)
+        conn = dial("127.0.0.1:{port}", src, ClientTlsMode.TLS,  # presents its SVID
+                    authorize_id(SpiffeId("spiffe://example.org/server-side")))
+        conn.sendall(b"hello from the client side")
+        print(conn.recv(64).decode())
+        conn.close()
+        src.close()
+    """)
+    out = run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", client],
+              user="nobody", timeout=60)
+    t.join(timeout=10)
+    listener.close()
+    source.close()
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "hello from the server side"
+    assert got == [b"hello from the client side"]
