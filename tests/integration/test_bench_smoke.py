@@ -36,3 +36,11 @@ def test_ocsp_benchmark_smoke() -> None:
         assert isinstance(figures, dict)
         assert figures["trustmesh_rps"] > 0 and figures["openssl_rps"] > 0
         assert figures["trustmesh_failures"] == 0
+
+
+@pytest.mark.slow
+def test_workload_api_benchmark_smoke() -> None:
+    out = run_bench("bench_workload_api.py")
+    rows = out["rows"]
+    assert isinstance(rows, list) and [r["entries"] for r in rows] == [10, 100]
+    assert all(r["p50_ms"] > 0 and r["agent_max_rss_mib"] > 0 for r in rows)

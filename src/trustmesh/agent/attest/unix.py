@@ -17,6 +17,7 @@ import os
 import pwd
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,27 @@ def container_id_from_cgroup(cgroup: str) -> str | None:
     return None
 
 
+_NAME_TTL = 30.0
+_names: dict[tuple[str, int], tuple[float, str | None]] = {}
+
+
+def _name_of(kind: str, ident: int) -> str | None:
+    """User or group name, remembered for a short while (NSS lookups are not free)."""
+    now = time.monotonic()
+    hit = _names.get((kind, ident))
+    if hit is not None and now - hit[0] < _NAME_TTL:
+        return hit[1]
+    try:
+        name: str | None = (pwd.getpwuid(ident).pw_name if kind == "user"
+                            else grp.getgrgid(ident).gr_name)
+    except KeyError:
+        name = None
+    if len(_names) > 4096:
+        _names.clear()
+    _names[(kind, ident)] = (now, name)
+    return name
+
+
 _digests: dict[tuple[int, int, int, int], str] = {}
 _digest_lock = threading.Lock()
 
@@ -112,15 +134,13 @@ def attest_unix(peer: PeerCredentials, proc: Path = Path("/proc")) -> frozenset[
         gids = ()
     for gid in gids:
         selectors.add(f"unix:gid:{gid}")
-    try:
-        selectors.add(f"unix:user:{pwd.getpwuid(peer.uid).pw_name}")
-    except KeyError:
-        pass
+    user = _name_of("user", peer.uid)
+    if user:
+        selectors.add(f"unix:user:{user}")
     for gid in {peer.gid, *gids}:
-        try:
-            selectors.add(f"unix:group:{grp.getgrgid(gid).gr_name}")
-        except KeyError:
-            pass
+        group = _name_of("group", gid)
+        if group:
+            selectors.add(f"unix:group:{group}")
     try:
         exe = os.readlink(base / "exe")
     except OSError:
