@@ -5,9 +5,10 @@ SO_PEERCRED attestation from /proc, selector index) over a cache holding N
 entries with SVIDs, of which the caller's selectors match one. The client is
 grpcio with py-spiffe's own Workload API stubs, on one established channel:
 each sample opens a FetchX509SVID stream, waits for the first message, and
-cancels. The child also reports its peak RSS with all N SVIDs (each with its own
-key) in memory: the agent-memory figure. The baseline, in the same run, is a grpcio unary call to a grpcio
-server over a Unix socket that returns an empty message.
+cancels. The child also reports its peak RSS with all N SVIDs (each with its
+own key) in memory: the agent-memory figure. The baseline, in the same run, is
+a grpcio unary call to a grpcio server over a Unix socket that returns an
+empty message.
 
 Run:  .venv/bin/python bench/bench_workload_api.py [--output json]
 Smoke (CI): .venv/bin/python bench/bench_workload_api.py --smoke
