@@ -158,9 +158,10 @@ class ServerClient:
     async def sync_entries(self, creds: NodeCredentials, since: int, page_size: int = 500
                            ) -> agent_pb2.SyncEntriesResponse:
         try:
-            return await self._stub(creds).SyncEntries(
+            resp: agent_pb2.SyncEntriesResponse = await self._stub(creds).SyncEntries(
                 agent_pb2.SyncEntriesRequest(since_revision=since, page_size=page_size),
                 timeout=_TIMEOUT)
+            return resp
         except grpc.aio.AioRpcError as exc:
             raise _map_error(exc) from None
 

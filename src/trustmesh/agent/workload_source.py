@@ -64,7 +64,8 @@ def _peer(stream: Stream[Any, Any]) -> PeerCredentials:
 
 
 def _check_header(stream: Stream[Any, Any]) -> None:
-    if (stream.metadata or {}).get(_HEADER) != "true":
+    metadata: Any = stream.metadata or {}
+    if metadata.get(_HEADER) != "true":
         raise GRPCError(Status.INVALID_ARGUMENT,
                         "security header missing from request: workload.spiffe.io: true")
 

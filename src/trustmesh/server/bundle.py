@@ -43,13 +43,14 @@ def jwk_for(public_key: Any) -> dict[str, str]:
             public_key.curve.name)
         if crv is None:
             raise InternalError(f"curve {public_key.curve.name} has no JWK name")
-        nums = public_key.public_numbers()
+        ec_nums = public_key.public_numbers()
         size = (public_key.curve.key_size + 7) // 8
-        return {"kty": "EC", "crv": crv, "x": _b64u(_int_bytes(nums.x, size)),
-                "y": _b64u(_int_bytes(nums.y, size))}
+        return {"kty": "EC", "crv": crv, "x": _b64u(_int_bytes(ec_nums.x, size)),
+                "y": _b64u(_int_bytes(ec_nums.y, size))}
     if isinstance(public_key, rsa.RSAPublicKey):
-        nums = public_key.public_numbers()
-        return {"kty": "RSA", "n": _b64u(_int_bytes(nums.n)), "e": _b64u(_int_bytes(nums.e))}
+        rsa_nums = public_key.public_numbers()
+        return {"kty": "RSA", "n": _b64u(_int_bytes(rsa_nums.n)),
+                "e": _b64u(_int_bytes(rsa_nums.e))}
     raise InternalError(f"unsupported key type {type(public_key).__name__}")
 
 
@@ -58,7 +59,7 @@ def spiffe_bundle(x509_authorities: Sequence[x509.Certificate],
                   refresh_hint: int) -> dict[str, Any]:
     keys: list[dict[str, Any]] = []
     for cert in x509_authorities:
-        jwk = jwk_for(cert.public_key())
+        jwk: dict[str, Any] = dict(jwk_for(cert.public_key()))
         jwk["use"] = "x509-svid"
         # Not required for X.509 authorities, but strict JWKS readers want a kid on
         # every key; the SHA-256 of the certificate is stable and unique.
@@ -67,7 +68,7 @@ def spiffe_bundle(x509_authorities: Sequence[x509.Certificate],
         jwk["x5c"] = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
         keys.append(jwk)
     for kid, pub in sorted(jwt_authorities.items()):
-        jwk = jwk_for(pub)
+        jwk = dict(jwk_for(pub))
         jwk["use"] = "jwt-svid"
         jwk["kid"] = kid
         keys.append(jwk)
