@@ -106,11 +106,14 @@ def test_tokens_are_single_use_and_bad_attestations_are_refused(srv: ServerProce
     with pytest.raises(grpc.RpcError) as info:
         list(node.stub(with_svid=False).Attest(iter([bad]), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    kept = token(srv)
     garbage_csr = agent_pb2.AttestRequest(start=agent_pb2.AttestStart(
-        attestation_type="join_token", payload=token(srv).encode(), csr=b"not a csr"))
+        attestation_type="join_token", payload=kept.encode(), csr=b"not a csr"))
     with pytest.raises(grpc.RpcError) as info:
         list(node.stub(with_svid=False).Attest(iter([garbage_csr]), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "CSR" in (info.value.details() or "")
+    Node(srv).attest_join_token(kept)  # a refused request did not spend the token
 
 
 def test_calls_without_a_node_svid_are_refused(srv: ServerProcess) -> None:

@@ -26,6 +26,7 @@ from trustmesh.errors import (
     Unauthenticated,
 )
 from trustmesh.log import get_logger
+from trustmesh.pki.csr import load_csr
 from trustmesh.proto import agent_pb2, agent_pb2_grpc
 from trustmesh.server.authority import CertificateAuthority, IssuedCertificate
 from trustmesh.server.entries import Entry
@@ -158,6 +159,10 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
             if not start.csr:
                 raise InvalidInput("a CSR for the node SVID is required", field="csr")
             kind = start.attestation_type
+            try:
+                load_csr(start.csr)  # before a token is spent on a request that cannot succeed
+            except TrustmeshError as exc:
+                raise InvalidInput(f"node SVID CSR: {exc.message}", field="csr") from None
             if kind == "join_token":
                 token = start.payload.decode(errors="replace")
                 agent_id = await self._run(self.registry.consume_join_token, token)
@@ -181,6 +186,9 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
             else:
                 raise InvalidInput(f"unknown attestation type {kind!r}; "
                                    "use join_token or x509pop")
+            record = await self._run(self.registry.store.get_agent, str(agent_id))
+            if record is not None and record["banned"]:
+                raise PermissionDenied(f"agent {agent_id} was evicted")
             issued = await self._sign_svid(agent_id, start.csr, self.agent_svid_ttl, (),
                                            f"agent:{agent_id}")
             now = int(self.clock.now().timestamp())
