@@ -36,6 +36,7 @@ _GROUPS: tuple[tuple[str, str], ...] = (
     ("trustmesh.cli.agent", "agent"),
     ("trustmesh.cli.netpol", "netpol"),
     ("trustmesh.cli.rbac", "rbac"),
+    ("trustmesh.cli.netpol_lab", "netlab"),
 )
 
 

@@ -36,7 +36,7 @@ _PROTOCOL = click.option(
 )
 
 
-def _read_cluster(files: tuple[str, ...]) -> Cluster:
+def read_cluster(files: tuple[str, ...]) -> Cluster:
     sources: list[tuple[str, str]] = []
     for name in files:
         if name == "-":
@@ -72,7 +72,7 @@ def matrix(files: tuple[str, ...], port: int, protocol: str, output: str) -> Non
     """Print who may open a connection to whom ('.' allowed, 'X' denied; rows are sources)."""
     try:
         proto = parse_protocol(protocol.upper())
-        cluster = _read_cluster(files)
+        cluster = read_cluster(files)
         table = IndexedEvaluator(cluster).matrix(_check_port(port), proto)
     except TrustmeshError as err:
         fail(err, output)
@@ -114,7 +114,7 @@ def explain_cmd(
                     ipaddress.ip_address(value)
                 except ValueError:
                     raise InvalidInput(f"invalid IP address {value!r}", field=flag) from None
-        cluster = _read_cluster(files)
+        cluster = read_cluster(files)
         source = parse_endpoint(cluster, src or src_ip or "")
         dest = parse_endpoint(cluster, dst or dst_ip or "")
         proto = parse_protocol(protocol.upper())
@@ -142,7 +142,7 @@ def lint_cmd(files: tuple[str, ...], required: tuple[str, ...], output: str) -> 
     """Report gaps: no default deny, unselected pods, unused policies, DNS blocked."""
     try:
         labels = [parse_required_label(r) for r in required]
-        findings = lint(_read_cluster(files), labels)
+        findings = lint(read_cluster(files), labels)
     except TrustmeshError as err:
         fail(err, output)
         return

@@ -61,10 +61,7 @@ def spiffe_bundle(x509_authorities: Sequence[x509.Certificate],
     for cert in x509_authorities:
         jwk: dict[str, Any] = dict(jwk_for(cert.public_key()))
         jwk["use"] = "x509-svid"
-        # Not required for X.509 authorities, but strict JWKS readers want a kid on
-        # every key; the SHA-256 of the certificate is stable and unique.
-        jwk["kid"] = _b64u(hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)
-                                          ).digest()[:16])
+        # no kid: the X509-SVID spec (6.1) leaves it out of x509-svid entries
         jwk["x5c"] = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
         keys.append(jwk)
     for kid, pub in sorted(jwt_authorities.items()):

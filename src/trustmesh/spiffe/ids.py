@@ -14,6 +14,7 @@ Errors say which rule was broken and where.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import total_ordering
 
@@ -26,6 +27,10 @@ MAX_ID_LENGTH = 2048
 MAX_TRUST_DOMAIN_LENGTH = 255
 _TD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
 _PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+# Fast paths for values built directly (not through ``parse``); on a miss the
+# detailed checkers run to say which rule was broken.
+_TD_RE = re.compile(r"[a-z0-9._-]{1,255}")
+_PATH_RE = re.compile(r"(?:/[A-Za-z0-9._-]+)*")
 
 
 def _check_trust_domain(name: str, text: str, offset: int) -> None:
@@ -34,6 +39,9 @@ def _check_trust_domain(name: str, text: str, offset: int) -> None:
     if len(name) > MAX_TRUST_DOMAIN_LENGTH:
         raise InvalidInput(
             f"{text!r}: the trust domain is longer than {MAX_TRUST_DOMAIN_LENGTH} characters")
+    if "@" in name:  # report user info first: 'user:pass@host' is not a port problem
+        raise InvalidInput(f"{text!r}: a trust domain has no user info "
+                           f"(at position {offset + name.index('@')})")
     for i, ch in enumerate(name):
         if ch in _TD_CHARS:
             continue
@@ -58,6 +66,13 @@ class TrustDomain:
 
     name: str
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or _TD_RE.fullmatch(self.name) is None:
+            if not isinstance(self.name, str):
+                raise InvalidInput(
+                    f"a trust domain must be a string, not {type(self.name).__name__}")
+            _check_trust_domain(self.name, self.name, 0)
+
     @classmethod
     def parse(cls, text: str) -> TrustDomain:
         """Accepts ``example.org`` or ``spiffe://example.org``."""
@@ -79,6 +94,9 @@ class TrustDomain:
     def __str__(self) -> str:
         return self.name
 
+    def __repr__(self) -> str:
+        return f"TrustDomain({self.name!r})"
+
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, TrustDomain):
             return NotImplemented
@@ -93,8 +111,24 @@ class SpiffeId:
     trust_domain: TrustDomain
     path: str
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.trust_domain, TrustDomain):
+            raise InvalidInput("a SPIFFE ID's trust domain must be a TrustDomain, not "
+                               f"{type(self.trust_domain).__name__}")
+        if not isinstance(self.path, str):
+            raise InvalidInput(f"a SPIFFE ID path must be a string, not {type(self.path).__name__}")
+        text = f"{SCHEME}{self.trust_domain.name}{self.path}"
+        if _PATH_RE.fullmatch(self.path) is None or "/./" in self.path + "/" \
+                or "/../" in self.path + "/":
+            if self.path and not self.path.startswith("/"):
+                raise InvalidInput(f"{self.path!r}: a SPIFFE ID path starts with '/'")
+            self._check_path(self.path, text)
+        if len(text.encode()) > MAX_ID_LENGTH:
+            raise InvalidInput(f"SPIFFE IDs are at most {MAX_ID_LENGTH} bytes")
+
     @classmethod
     def parse(cls, text: str) -> SpiffeId:
+        """Parse ``text`` by the SPIFFE-ID rules; InvalidInput names the rule it breaks."""
         if not isinstance(text, str):
             raise InvalidInput(f"a SPIFFE ID must be a string, not {type(text).__name__}")
         if not text:
@@ -139,17 +173,38 @@ class SpiffeId:
                         f"{text!r}: path segment {seg!r} contains the character {ch!r}; "
                         "allowed are letters, digits, '.', '-' and '_'")
 
+    @property
+    def segments(self) -> tuple[str, ...]:
+        """The path segments, ``()`` for the trust domain's own ID."""
+        return tuple(self.path.split("/")[1:]) if self.path else ()
+
+    @property
+    def is_trust_domain_id(self) -> bool:
+        """True for ``spiffe://<trust domain>`` with no path (not allowed on leaf SVIDs)."""
+        return not self.path
+
     @classmethod
     def from_segments(cls, trust_domain: TrustDomain | str, *segments: str) -> SpiffeId:
+        """``spiffe://<trust domain>/<segment>/...``; each segment is checked (no ``/`` inside)."""
         td = trust_domain if isinstance(trust_domain, TrustDomain) else TrustDomain.parse(
             trust_domain)
+        for seg in segments:
+            if not isinstance(seg, str):
+                raise InvalidInput(f"path segments are strings, not {type(seg).__name__}")
+            if "/" in seg:
+                raise InvalidInput(f"path segment {seg!r} contains '/'; pass each segment "
+                                   "separately")
         return cls.parse(f"{SCHEME}{td}" + "".join(f"/{s}" for s in segments))
 
     def member_of(self, trust_domain: TrustDomain) -> bool:
+        """True when this ID lives in ``trust_domain``."""
         return self.trust_domain == trust_domain
 
     def __str__(self) -> str:
         return f"{SCHEME}{self.trust_domain}{self.path}"
+
+    def __repr__(self) -> str:
+        return f"SpiffeId({str(self)!r})"
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, SpiffeId):
