@@ -183,3 +183,47 @@ def urls_of(cert_path: Path) -> tuple[str, str]:
 
 def audit_count(srv: ServerProcess) -> int:
     return len(srv.cli_json("ca", "audit"))
+
+
+class AgentProcess:
+    def __init__(self, srv: ServerProcess, base: Path, token: str) -> None:
+        self.base = base
+        self.socket = base / "public" / "api.sock"
+        self.health = free_port()
+        bundle = base / "bundle.pem"
+        bundle.write_bytes(httpx.get(f"{srv.base_url}/ca/bundle.pem").content)
+        self.log_path = base / "agent.log"
+        self.args = [TRUSTMESH, "agent", "run", "--server-address",
+                     f"127.0.0.1:{srv.agent_port}", "--attest-address",
+                     f"127.0.0.1:{srv.attest_port}", "--trust-bundle", str(bundle),
+                     "--join-token", token, "--socket", str(self.socket), "--data-dir",
+                     str(base / "data"), "--sync-interval", "1s", "--health-address",
+                     f"127.0.0.1:{self.health}"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=self._log)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+            try:
+                r = httpx.get(f"http://127.0.0.1:{self.health}/healthz", timeout=1)
+                if r.status_code == 200 and self.socket.exists():
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("agent not ready:\n" + self.log_path.read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self._log.close()
+        self.proc = None

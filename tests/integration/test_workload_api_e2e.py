@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -14,58 +13,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import JwtSvid, WorkloadApiClient, X509Source
 from spiffe._proto import workload_pb2, workload_pb2_grpc  # py-spiffe's own stubs
 
-from harness import TRUSTMESH, ServerProcess, free_port, openssl, run
-
-
-class AgentProcess:
-    def __init__(self, srv: ServerProcess, base: Path, token: str) -> None:
-        self.base = base
-        self.socket = base / "public" / "api.sock"
-        self.health = free_port()
-        bundle = base / "bundle.pem"
-        bundle.write_bytes(httpx.get(f"{srv.base_url}/ca/bundle.pem").content)
-        self.log_path = base / "agent.log"
-        self.args = [TRUSTMESH, "agent", "run", "--server-address",
-                     f"127.0.0.1:{srv.agent_port}", "--attest-address",
-                     f"127.0.0.1:{srv.attest_port}", "--trust-bundle", str(bundle),
-                     "--join-token", token, "--socket", str(self.socket), "--data-dir",
-                     str(base / "data"), "--sync-interval", "1s", "--health-address",
-                     f"127.0.0.1:{self.health}"]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> AgentProcess:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=self._log)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
-            try:
-                r = httpx.get(f"http://127.0.0.1:{self.health}/healthz", timeout=1)
-                if r.status_code == 200 and self.socket.exists():
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("agent not ready:\n" + self.log_path.read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None:
-            self._log.close()
-        self.proc = None
+from harness import AgentProcess, ServerProcess, free_port, openssl, run
 
 
 @pytest.fixture
