@@ -153,3 +153,55 @@ def test_unknown_schemes_and_dead_servers_are_clear_errors(tmp_path: Path) -> No
     dead = Datastore("postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(Unavailable, match="cannot reach datastore"):
         dead.migrate()
+
+
+def test_mesh_resources_apply_is_versioned_and_reports_changes(store: Datastore) -> None:
+    assert store.mesh_revision() == 0
+    pol = ("AuthorizationPolicy", "default", "deny", {"spec": {}})
+    wl = ("Workload", "default", "web", {"spec": {"serviceAccount": "web"}})
+    rev1, out = store.apply_mesh_resources([pol, wl], now_us=10)
+    assert rev1 == 1 and out == ["created", "created"]
+    rev2, out = store.apply_mesh_resources([pol], now_us=20)
+    assert rev2 == rev1 and out == ["unchanged"]  # nothing changed, no new revision
+    changed = ("AuthorizationPolicy", "default", "deny", {"spec": {"action": "DENY"}})
+    rev3, out = store.apply_mesh_resources([changed, wl], now_us=30)
+    assert rev3 == 2 and out == ["configured", "unchanged"]
+    revision, rows = store.list_mesh_resources()
+    assert revision == 2
+    assert [(k, ns, n, created) for k, ns, n, _, created in rows] == [
+        ("AuthorizationPolicy", "default", "deny", 10), ("Workload", "default", "web", 10)]
+    assert rows[0][3] == {"spec": {"action": "DENY"}}  # replaced, creation time kept
+    assert [r[0] for r in store.list_mesh_resources("Workload")[1]] == ["Workload"]
+
+
+def test_mesh_resources_delete_is_all_or_nothing(store: Datastore) -> None:
+    store.apply_mesh_resources([("Workload", "a", "x", {}), ("Workload", "a", "y", {})], 1)
+    with pytest.raises(NotFound, match="Workload a/zzz does not exist"):
+        store.delete_mesh_resources([("Workload", "a", "x"), ("Workload", "a", "zzz")])
+    assert len(store.list_mesh_resources()[1]) == 2  # x was not deleted
+    assert store.mesh_revision() == 1
+    rev, gone = store.delete_mesh_resources(
+        [("Workload", "a", "x"), ("Workload", "a", "zzz")], ignore_missing=True)
+    assert rev == 2 and gone == [True, False]
+    assert [r[2] for r in store.list_mesh_resources()[1]] == ["y"]
+
+
+def test_mesh_revisions_are_unique_across_replicas(store: Datastore, store_url: str) -> None:
+    replica = Datastore(store_url)
+    revisions: list[int] = []
+    lock = threading.Lock()
+
+    def apply(ds: Datastore, tag: str) -> None:
+        for i in range(10):
+            rev, _ = ds.apply_mesh_resources([("Workload", "ns", f"{tag}{i}", {})], now_us=i)
+            with lock:
+                revisions.append(rev)
+
+    threads = [threading.Thread(target=apply, args=(ds, tag))
+               for ds, tag in ((store, "a"), (replica, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    replica.close()
+    assert sorted(revisions) == list(range(1, 21))

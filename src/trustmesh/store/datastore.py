@@ -548,6 +548,96 @@ class Datastore:
                    for r in rows]
         return changes, int(rows[-1].revision)
 
+    # -- mesh configuration ------------------------------------------------------
+    def _next_mesh_revision(self, conn: Connection) -> int:
+        q = select(m.counters.c.value).where(m.counters.c.name == "mesh")
+        if self.dialect == "postgresql":
+            q = q.with_for_update()
+        current = conn.execute(q).scalar()
+        if current is None:
+            conn.execute(insert(m.counters).values(name="mesh", value=1))
+            return 1
+        conn.execute(update(m.counters).where(m.counters.c.name == "mesh")
+                     .values(value=int(current) + 1))
+        return int(current) + 1
+
+    def mesh_revision(self) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(m.counters.c.value).where(m.counters.c.name == "mesh")).scalar()
+        return int(value or 0)
+
+    def apply_mesh_resources(self, bodies: Sequence[tuple[str, str, str, dict[str, Any]]],
+                             now_us: int) -> tuple[int, list[str]]:
+        """Create or replace resources given as (kind, namespace, name, body), all in one
+        transaction. Returns the new revision (unchanged when nothing changed) and, per
+        resource, ``created``, ``configured`` or ``unchanged``."""
+        outcomes: list[str] = []
+        with self._write() as conn:
+            revision: int | None = None
+            for kind, namespace, name, body in bodies:
+                text = json.dumps(body, sort_keys=True)
+                key = (m.mesh_resources.c.kind == kind,
+                       m.mesh_resources.c.namespace == namespace,
+                       m.mesh_resources.c.name == name)
+                row = conn.execute(select(m.mesh_resources.c.body).where(*key)).first()
+                if row is not None and row.body == text:
+                    outcomes.append("unchanged")
+                    continue
+                if revision is None:
+                    revision = self._next_mesh_revision(conn)
+                if row is None:
+                    conn.execute(insert(m.mesh_resources).values(
+                        kind=kind, namespace=namespace, name=name, body=text,
+                        revision=revision, created_at=now_us))
+                    outcomes.append("created")
+                else:
+                    conn.execute(update(m.mesh_resources).where(*key).values(
+                        body=text, revision=revision))
+                    outcomes.append("configured")
+            if revision is None:
+                revision = int(conn.execute(select(m.counters.c.value).where(
+                    m.counters.c.name == "mesh")).scalar() or 0)
+        return revision, outcomes
+
+    def delete_mesh_resources(self, keys: Sequence[tuple[str, str, str]], *,
+                              ignore_missing: bool = False) -> tuple[int, list[bool]]:
+        """Delete resources by (kind, namespace, name), all or nothing: a missing one is
+        NotFound unless ``ignore_missing``. Returns the revision and what was deleted."""
+        deleted: list[bool] = []
+        with self._write() as conn:
+            for i, (kind, namespace, name) in enumerate(keys):
+                gone = conn.execute(m.mesh_resources.delete().where(
+                    m.mesh_resources.c.kind == kind, m.mesh_resources.c.namespace == namespace,
+                    m.mesh_resources.c.name == name)).rowcount
+                if not gone and not ignore_missing:
+                    raise NotFound(f"{kind} {namespace}/{name} does not exist",
+                                   field=f"resources[{i}]")
+                deleted.append(bool(gone))
+            if any(deleted):
+                revision = self._next_mesh_revision(conn)
+            else:
+                revision = int(conn.execute(select(m.counters.c.value).where(
+                    m.counters.c.name == "mesh")).scalar() or 0)
+        return revision, deleted
+
+    def list_mesh_resources(self, kind: str | None = None
+                            ) -> tuple[int, list[tuple[str, str, str, dict[str, Any], int]]]:
+        """The mesh revision and its resources as (kind, namespace, name, body,
+        created_at), oldest first; read in one transaction so the two agree."""
+        q = select(m.mesh_resources).order_by(m.mesh_resources.c.created_at,
+                                              m.mesh_resources.c.kind,
+                                              m.mesh_resources.c.namespace,
+                                              m.mesh_resources.c.name)
+        if kind:
+            q = q.where(m.mesh_resources.c.kind == kind)
+        with self.engine.connect() as conn, conn.begin():
+            revision = conn.execute(select(m.counters.c.value).where(
+                m.counters.c.name == "mesh")).scalar()
+            rows = conn.execute(q).all()
+        return int(revision or 0), [(r.kind, r.namespace, r.name, dict(json.loads(r.body)),
+                                     int(r.created_at)) for r in rows]
+
     # -- registry: join tokens and agents -------------------------------------
     def create_join_token(self, token_hash: str, *, spiffe_id: str, created_at: int,
                           expires_at: int, created_by: str) -> None:

@@ -103,6 +103,20 @@ Index("ix_entries_revision", entries.c.revision)
 Index("ix_entries_parent", entries.c.parent_id)
 Index("ix_entries_spiffe_id", entries.c.spiffe_id)
 
+# Mesh configuration (AuthorizationPolicy, PeerAuthentication, Workload, Service):
+# one row per resource; the "mesh" counter gives every apply/delete a revision that
+# the xDS server and the other replicas follow.
+mesh_resources = Table(
+    "mesh_resources",
+    metadata,
+    Column("kind", String(64), primary_key=True),
+    Column("namespace", String(253), primary_key=True),
+    Column("name", String(253), primary_key=True),
+    Column("body", Text, nullable=False),  # the resource as JSON (its canonical form)
+    Column("revision", BigInteger, nullable=False),  # of the last change
+    Column("created_at", BigInteger, nullable=False),  # epoch microseconds: "oldest wins"
+)
+
 # One-time join tokens: only a hash is stored.
 join_tokens = Table(
     "join_tokens",

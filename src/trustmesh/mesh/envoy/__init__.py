@@ -1,0 +1,1 @@
+"""Envoy configuration: bootstrap, listeners, clusters and RBAC compiled from policy."""
