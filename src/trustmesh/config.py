@@ -130,6 +130,8 @@ class ServerConfig(BaseModel):
     upstream_ca_key_passphrase_file: Path | None = None
     # Signing processes for issuance; None = one per core (none on a single core).
     signing_workers: int | None = Field(default=None, ge=0, le=64)
+    # Namespace whose mesh policies (AuthorizationPolicy, PeerAuthentication) are mesh-wide.
+    mesh_root_namespace: str = "istio-system"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 

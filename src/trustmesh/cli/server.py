@@ -78,6 +78,8 @@ def _server_options(fn: Any) -> Any:
         click.option("--upstream-ca-key-passphrase-file",
                      type=click.Path(dir_okay=False, path_type=Path),
                      help="Passphrase of an encrypted --upstream-ca-key."),
+        click.option("--mesh-root-namespace", envvar="TRUSTMESH_MESH_ROOT_NAMESPACE",
+                     help="Namespace of mesh-wide policies  [default: istio-system]"),
         click.option("--signing-workers", type=click.IntRange(0, 64),
                      envvar="TRUSTMESH_SIGNING_WORKERS",
                      help="Processes that sign certificates; 0 signs in the server process  "
