@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from cryptography import x509
@@ -29,6 +30,9 @@ from trustmesh.config import AgentConfig
 from trustmesh.errors import ConfigError, PermissionDenied, TrustmeshError, Unavailable
 from trustmesh.log import get_logger
 from trustmesh.proto import agent_pb2
+
+if TYPE_CHECKING:
+    from trustmesh.agent.sds import SecretDiscovery
 
 __all__ = ["Agent", "run_agent"]
 
@@ -100,6 +104,7 @@ class Agent:
         self.changed = self.changes
         self.server_reachable = False
         self.bundle_doc: dict[str, object] | None = None  # the SPIFFE bundle from the server
+        self.sds: SecretDiscovery | None = None  # Envoy SDS, set when the socket serves
 
     # -- node identity -----------------------------------------------------------------
     async def establish_node(self) -> NodeCredentials:
@@ -286,6 +291,8 @@ async def start_health(agent: Agent, address: str | None) -> web.AppRunner | Non
           registry=registry).set_function(lambda: 1.0 if agent.server_reachable else 0.0)
     Gauge("trustmesh_agent_registry_revision", "Registry revision the agent has synced to.",
           registry=registry).set_function(lambda: agent.cache.revision)
+    Gauge("trustmesh_agent_sds_streams", "Open Envoy SDS streams.", registry=registry
+          ).set_function(lambda: agent.sds.open_streams if agent.sds else 0)
     Gauge("trustmesh_agent_node_svid_not_after_seconds", "Expiry of the node X509-SVID.",
           registry=registry).set_function(
               lambda: agent.node.expires_at if agent.node else 0.0)

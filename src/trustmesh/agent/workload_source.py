@@ -290,7 +290,10 @@ async def start_workload_api(agent: Agent, path: Path) -> _Running:
     os.chmod(path.parent, 0o755)  # noqa: S103 - workloads of every user connect here
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    server = Server([WorkloadApi(agent)])
+    from trustmesh.agent.sds import SecretDiscovery
+
+    agent.sds = SecretDiscovery(agent)
+    server = Server([WorkloadApi(agent), agent.sds])
     await server.start(path=str(path))
     os.chmod(path, 0o777)  # noqa: S103 - attestation, not file modes, decides
     log.info("Workload API listening", extra={"socket": str(path)})

@@ -68,11 +68,11 @@ def build_bootstrap(p: BootstrapParams) -> bootstrap_pb2.Bootstrap:
                         path=str(p.agent_socket)))))])]))
     tls = tls_pb2.UpstreamTlsContext(
         sni="trustmesh-server",
-        common_tls_context=common_pb2.CommonTlsContext(
+        common_tls_context=tls_pb2.CommonTlsContext(
             alpn_protocols=["h2"],  # gRPC servers insist on it
             tls_certificate_sds_secret_configs=[sds_secret(p.svid_name)],
             combined_validation_context=(
-                common_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+                tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
                     default_validation_context=common_pb2.CertificateValidationContext(
                         match_typed_subject_alt_names=[common_pb2.SubjectAltNameMatcher(
                             san_type=common_pb2.SubjectAltNameMatcher.URI,

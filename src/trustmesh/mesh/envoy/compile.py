@@ -114,16 +114,16 @@ def sds_secret(name: str, cluster: str = SDS_CLUSTER) -> secret_pb2.SdsSecretCon
 
 
 def _common_tls(plan: SidecarPlan, peer_ids: Sequence[str],
-                alpn: Sequence[str] = ()) -> common_pb2.CommonTlsContext:
+                alpn: Sequence[str] = ()) -> tls_pb2.CommonTlsContext:
     default = common_pb2.CertificateValidationContext(match_typed_subject_alt_names=[
         common_pb2.SubjectAltNameMatcher(san_type=common_pb2.SubjectAltNameMatcher.URI,
                                          matcher=string_pb2.StringMatcher(exact=i))
         for i in peer_ids])
-    return common_pb2.CommonTlsContext(
+    return tls_pb2.CommonTlsContext(
         tls_params=common_pb2.TlsParameters(
             tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_2),
         tls_certificate_sds_secret_configs=[sds_secret(plan.spiffe_id, plan.sds_cluster)],
-        combined_validation_context=common_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+        combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
             default_validation_context=default,
             validation_context_sds_secret_config=sds_secret(ALL_BUNDLES_SECRET,
                                                             plan.sds_cluster)),

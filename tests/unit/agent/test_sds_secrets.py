@@ -1,0 +1,95 @@
+"""The SDS response builder: resource names, PEM contents, SPIFFE validator, refusals."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from envoy.extensions.transport_sockets.tls.v3 import tls_spiffe_validator_config_pb2 as spiffe
+
+from trustmesh.agent.cache import CachedSvid
+from trustmesh.agent.sds import build_secrets, secrets_version
+from trustmesh.errors import PermissionDenied
+
+
+def _cert(uri: str | None, ca: bool) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, uri or "root")])
+    now = datetime.now(UTC)
+    b = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now).not_valid_after(now + timedelta(hours=1))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True))
+    if uri:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
+                            False)
+    return b.sign(key, hashes.SHA256()), key
+
+
+def svid(spiffe_id: str) -> CachedSvid:
+    cert, key = _cert(spiffe_id, False)
+    return CachedSvid("e-" + spiffe_id, 1, spiffe_id, key, (cert,))
+
+
+ROOT, _ = _cert(None, True)
+FED, _ = _cert(None, True)
+BUNDLES = {"example.org": (ROOT,), "partner.org": (FED,)}
+WEB = svid("spiffe://example.org/web")
+DB = svid("spiffe://example.org/db")
+
+
+def test_default_is_the_first_identity_with_chain_and_key() -> None:
+    [secret] = build_secrets(["default"], [WEB, DB], BUNDLES, "example.org")
+    assert secret.name == "default"
+    chain = x509.load_pem_x509_certificates(secret.tls_certificate.certificate_chain.inline_bytes)
+    assert chain == list(WEB.chain)
+    key = serialization.load_pem_private_key(secret.tls_certificate.private_key.inline_bytes,
+                                             None)
+    assert key.public_key().public_numbers() == WEB.key.public_key().public_numbers()
+
+
+def test_named_identity_root_bundle_and_trust_domain_bundle() -> None:
+    db, root, fed = build_secrets(["spiffe://example.org/db", "ROOTCA", "spiffe://partner.org"],
+                                  [WEB, DB], BUNDLES, "example.org")
+    assert x509.load_pem_x509_certificates(db.tls_certificate.certificate_chain.inline_bytes) \
+        == list(DB.chain)
+    assert x509.load_pem_x509_certificates(root.validation_context.trusted_ca.inline_bytes) \
+        == [ROOT]
+    assert x509.load_pem_x509_certificates(fed.validation_context.trusted_ca.inline_bytes) \
+        == [FED]
+
+
+def test_all_is_the_spiffe_validator_with_one_trust_domain_per_bundle() -> None:
+    [secret] = build_secrets(["ALL"], [WEB], BUNDLES, "example.org")
+    custom = secret.validation_context.custom_validator_config
+    assert custom.name == "envoy.tls.cert_validator.spiffe"
+    config = spiffe.SPIFFECertValidatorConfig()
+    assert custom.typed_config.Unpack(config)
+    domains = {td.name: x509.load_pem_x509_certificates(td.trust_bundle.inline_bytes)
+               for td in config.trust_domains}
+    assert domains == {"example.org": [ROOT], "partner.org": [FED]}
+
+
+@pytest.mark.parametrize(("names", "svids", "message"), [
+    (["spiffe://example.org/admin"], [WEB], "not entitled to the identity "
+                                            "spiffe://example.org/admin"),
+    (["default"], [], "no identity issued"),
+    (["spiffe://other.org"], [WEB], "no bundle for trust domain other.org"),
+    (["secret-sauce"], [WEB], "unknown SDS resource 'secret-sauce'"),
+])
+def test_refusals_name_what_was_refused(names: list[str], svids: list[CachedSvid],
+                                        message: str) -> None:
+    with pytest.raises(PermissionDenied, match=message):
+        build_secrets(names, svids, BUNDLES, "example.org")
+
+
+def test_version_follows_content() -> None:
+    a = build_secrets(["default", "ALL"], [WEB], BUNDLES, "example.org")
+    b = build_secrets(["default", "ALL"], [DB], BUNDLES, "example.org")
+    assert secrets_version(a) == secrets_version(
+        build_secrets(["default", "ALL"], [WEB], BUNDLES, "example.org"))
+    assert secrets_version(a) != secrets_version(b)
