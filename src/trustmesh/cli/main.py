@@ -37,6 +37,12 @@ _GROUPS: tuple[tuple[str, str], ...] = (
     ("trustmesh.cli.netpol", "netpol"),
     ("trustmesh.cli.rbac", "rbac"),
     ("trustmesh.cli.netpol_lab", "netlab"),
+    ("trustmesh.cli.sidecar", "sidecar"),
+    ("trustmesh.cli.mesh", "apply"),
+    ("trustmesh.cli.mesh", "delete"),
+    ("trustmesh.cli.mesh", "get"),
+    ("trustmesh.cli.policy", "policy"),
+    ("trustmesh.cli.demo", "demo"),
 )
 
 

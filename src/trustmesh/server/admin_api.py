@@ -13,7 +13,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from cryptography import x509
@@ -29,6 +29,9 @@ from trustmesh.server.issuance import AsyncIssuer
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.rbac_store import RbacPolicyStore
 from trustmesh.server.registry import Registry
+
+if TYPE_CHECKING:
+    from trustmesh.server.mesh_config import MeshConfigService
 
 __all__ = [
     "ROUTE_PERMISSIONS",
@@ -104,7 +107,16 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], tuple[str, str, str, str]] = {
     ("GET", "/v1/bundle"): ("get", "bundles", "", ""),
     ("GET", "/v1/rbac"): ("get", "rbacpolicies", "", ""),
     ("PUT", "/v1/rbac"): ("update", "rbacpolicies", "", ""),
+    # Mesh resources are authorized per document (kind and namespace) in the handler.
+    ("POST", "/v1/mesh/apply"): ("update", "", "", ""),
+    ("POST", "/v1/mesh/delete"): ("delete", "", "", ""),
+    ("GET", "/v1/mesh/resources"): ("list", "", "", ""),
+    ("POST", "/v1/mesh/explain"): ("get", "", "", ""),
 }
+
+MESH_RESOURCE_NAMES = {"AuthorizationPolicy": "authorizationpolicies",
+                       "PeerAuthentication": "peerauthentications",
+                       "Workload": "workloads", "Service": "services"}
 
 
 def local_caller(request: web.Request) -> Caller:
@@ -141,7 +153,8 @@ def remote_caller_from_certificate(cert: x509.Certificate) -> Caller:
 def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
                     issuer: AsyncIssuer, registry: Registry, *,
                     authenticate: Callable[[web.Request], Caller] = local_caller,
-                    policy: RbacPolicyStore | None = None) -> web.Application:
+                    policy: RbacPolicyStore | None = None,
+                    mesh: MeshConfigService | None = None) -> web.Application:
     """The admin API. Local callers (the socket) are trusted; remote callers (mTLS)
     are authorized on every call by the RBAC policy."""
 
@@ -174,6 +187,8 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
             raise PermissionDenied(f"{request.method} {request.path} is not available "
                                    "remotely")
         verb, resource, subresource, name_param = perm
+        if not resource:
+            return  # the handler authorizes each object it touches (_authorize_object)
         name = request.match_info.get(name_param, "") if name_param else ""
         req = RbacRequest(user=caller.user, verb=verb, resource=resource,
                           subresource=subresource, api_group=TRUSTMESH_API_GROUP, name=name,
@@ -183,7 +198,21 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
             log.warning("RBAC denied", extra={"user": caller.user, "request": req.describe()})
             raise PermissionDenied(f"{caller.user} may not {req.describe()}")
 
-    app = web.Application(middlewares=[guard], client_max_size=1024 * 1024)
+    def _authorize_object(request: web.Request, verb: str, resource: str, namespace: str,
+                          name: str = "") -> None:
+        caller: Caller = request["caller"]
+        if caller.local:
+            return
+        if policy is None:
+            raise PermissionDenied(f"{request.method} {request.path} is not available remotely")
+        req = RbacRequest(user=caller.user, verb=verb, resource=resource,
+                          api_group=TRUSTMESH_API_GROUP, namespace=namespace, name=name,
+                          groups=caller.groups)
+        if not policy.authorizer().authorize(req).allowed:
+            log.warning("RBAC denied", extra={"user": caller.user, "request": req.describe()})
+            raise PermissionDenied(f"{caller.user} may not {req.describe()}")
+
+    app = web.Application(middlewares=[guard], client_max_size=16 * 1024 * 1024)
 
     async def json_body(request: web.Request) -> dict[str, Any]:
         try:
@@ -354,6 +383,78 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
             raise InvalidInput("expected {\"policy\": \"<RBAC YAML>\"}", field="policy")
         report = await run(policy.replace, text, request["actor"])
         return web.json_response(report)
+
+    # -- mesh configuration --------------------------------------------------------------
+    def need_mesh() -> MeshConfigService:
+        if mesh is None:
+            raise InvalidInput("this server has no mesh configuration store")
+        return mesh
+
+    def object_guard(request: web.Request) -> Callable[[str, Any], None]:
+        from trustmesh.policy.mesh_model import resource_key
+
+        def check(verb: str, doc: Any) -> None:
+            kind, namespace, name = resource_key(doc)
+            _authorize_object(request, verb, MESH_RESOURCE_NAMES.get(kind, kind.lower()),
+                              namespace, name)
+        return check
+
+    async def mesh_apply(request: web.Request) -> web.Response:
+        service = need_mesh()
+        body = await json_body(request)
+        unknown = set(body) - {"yaml", "source", "dry_run"}
+        if unknown:
+            raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        if not isinstance(body.get("yaml"), str):
+            raise InvalidInput("expected {\"yaml\": \"<multi-document YAML>\"}", field="yaml")
+        report = await run(lambda: service.apply(
+            body["yaml"], str(body.get("source") or "<input>"),
+            dry_run=bool(body.get("dry_run")), authorize=object_guard(request)))
+        if not report["dry_run"]:
+            await service.refresh()
+            log.info("mesh configuration applied", extra={
+                "actor": request["actor"], "revision": report["revision"],
+                "results": report["results"]})
+        return web.json_response(report)
+
+    async def mesh_delete(request: web.Request) -> web.Response:
+        service = need_mesh()
+        body = await json_body(request)
+        unknown = set(body) - {"yaml", "source", "ignore_not_found"}
+        if unknown:
+            raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        if not isinstance(body.get("yaml"), str):
+            raise InvalidInput("expected {\"yaml\": \"<multi-document YAML>\"}", field="yaml")
+        report = await run(lambda: service.delete(
+            body["yaml"], str(body.get("source") or "<input>"),
+            ignore_not_found=bool(body.get("ignore_not_found")),
+            authorize=object_guard(request)))
+        await service.refresh()
+        log.info("mesh resources deleted", extra={"actor": request["actor"],
+                                                  "results": report["results"]})
+        return web.json_response(report)
+
+    async def mesh_get(request: web.Request) -> web.Response:
+        service = need_mesh()
+        kind = request.query.get("kind") or None
+        namespace = request.query.get("namespace") or None
+        from trustmesh.policy.mesh_model import canonical_kind
+
+        resource = MESH_RESOURCE_NAMES.get(canonical_kind(kind), "") if kind else "*"
+        _authorize_object(request, "list", resource or "*", namespace or "")
+        return web.json_response(await run(service.get, kind, namespace))
+
+    async def mesh_explain(request: web.Request) -> web.Response:
+        service = need_mesh()
+        body = await json_body(request)
+        _authorize_object(request, "get", "authorizationpolicies",
+                          str(body.get("namespace") or ""))
+        return web.json_response(await run(service.explain, body))
+
+    app.router.add_post("/v1/mesh/apply", mesh_apply)
+    app.router.add_post("/v1/mesh/delete", mesh_delete)
+    app.router.add_get("/v1/mesh/resources", mesh_get)
+    app.router.add_post("/v1/mesh/explain", mesh_explain)
 
     app.router.add_get("/v1/rbac", show_rbac)
     app.router.add_put("/v1/rbac", apply_rbac)

@@ -22,6 +22,7 @@ from trustmesh.clock import Clock, SystemClock
 from trustmesh.config import ServerConfig
 from trustmesh.errors import ConfigError, PermissionDenied, Unauthenticated
 from trustmesh.log import get_logger
+from trustmesh.mesh.xds import add_ads_to_server
 from trustmesh.pki.keys import open_key_manager
 from trustmesh.proto import agent_pb2_grpc
 from trustmesh.server.admin_api import Caller, build_admin_app, remote_caller_from_certificate
@@ -30,6 +31,7 @@ from trustmesh.server.authority import CertificateAuthority
 from trustmesh.server.entry_cache import EntryCache
 from trustmesh.server.http import build_public_app
 from trustmesh.server.issuance import AsyncIssuer, default_worker_count
+from trustmesh.server.mesh_config import MeshConfigService
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.rbac_store import RbacPolicyStore
 from trustmesh.server.registry import Registry
@@ -145,7 +147,8 @@ class ServerIdentity:
 
 async def start_agent_api(config: ServerConfig, ca: CertificateAuthority, issuer: AsyncIssuer,
                           registry: Registry, identity: ServerIdentity,
-                          clock: Clock) -> grpc.aio.Server:
+                          clock: Clock, mesh: MeshConfigService | None = None
+                          ) -> grpc.aio.Server:
     x509pop = None
     if config.x509pop_ca is not None:
         try:
@@ -159,6 +162,8 @@ async def start_agent_api(config: ServerConfig, ca: CertificateAuthority, issuer
                    jwt=ca.jwt)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
     agent_pb2_grpc.add_AgentServicer_to_server(api, server)
+    if mesh is not None:  # sidecars fetch their Envoy configuration here (ADS over mTLS)
+        add_ads_to_server(server, mesh)
     def credentials(require_client_cert: bool) -> grpc.ServerCredentials:
         seen = {"version": identity.version}
 
@@ -210,10 +215,14 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
     public = web.AppRunner(build_public_app(ca, metrics), access_log=None)
     registry = Registry(ca.store, TrustDomain.parse(config.trust_domain), clock)
     rbac_policy = RbacPolicyStore(ca.store)
+    mesh = MeshConfigService(ca.store, config.trust_domain,
+                             root_namespace=config.mesh_root_namespace)
+    await mesh.refresh()
     admin = web.AppRunner(build_admin_app(ca, metrics, issuer, registry,
-                                          policy=rbac_policy), access_log=None)
+                                          policy=rbac_policy, mesh=mesh), access_log=None)
     identity = ServerIdentity(ca, config.server_svid_ttl)
-    agent_server = await start_agent_api(config, ca, issuer, registry, identity, clock)
+    agent_server = await start_agent_api(config, ca, issuer, registry, identity, clock,
+                                         mesh=mesh)
     remote: web.AppRunner | None = None
     if config.admin_address:
         def authenticate(request: web.Request) -> Caller:
@@ -229,7 +238,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
             return remote_caller_from_certificate(cert)
 
         remote = web.AppRunner(build_admin_app(ca, metrics, issuer, registry,
-                                               authenticate=authenticate, policy=rbac_policy),
+                                               authenticate=authenticate, policy=rbac_policy,
+                                               mesh=mesh),
                                access_log=None)
         await remote.setup()
         rhost, _, rport = config.admin_address.rpartition(":")
@@ -284,12 +294,16 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
                 log.exception("housekeeping failed; retrying at the next interval")
 
     task = asyncio.create_task(housekeeping())
+    mesh_follower = asyncio.create_task(mesh.follow(stop))
     try:
         await stop.wait()
     finally:
         task.cancel()
+        mesh_follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        with contextlib.suppress(asyncio.CancelledError):
+            await mesh_follower
         await agent_server.stop(grace=2)
         if remote is not None:
             await remote.cleanup()

@@ -43,7 +43,7 @@ def _hcm(listener: object) -> hcm_pb2.HttpConnectionManager:
 
 
 def test_strict_inbound_requires_client_certificates_and_sets_xfcc() -> None:
-    listeners = {l.name: l for l in compile_listeners(PLAN)}
+    listeners = {x.name: x for x in compile_listeners(PLAN)}
     strict = listeners["inbound|15080"]
     assert len(strict.filter_chains) == 1
     ctx = tls_pb2.DownstreamTlsContext()
@@ -59,7 +59,7 @@ def test_strict_inbound_requires_client_certificates_and_sets_xfcc() -> None:
 
 
 def test_permissive_has_a_tls_and_a_plaintext_chain_and_disable_has_no_tls() -> None:
-    listeners = {l.name: l for l in compile_listeners(PLAN)}
+    listeners = {x.name: x for x in compile_listeners(PLAN)}
     permissive = listeners["inbound|15090"]
     assert [c.filter_chain_match.transport_protocol for c in permissive.filter_chains] == [
         "tls", "raw_buffer"]

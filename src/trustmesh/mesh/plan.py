@@ -1,0 +1,235 @@
+"""From mesh resources to one sidecar's plan, and ``policy explain``: pure.
+
+The registry (Workload, Service) says where things are; PeerAuthentication
+says which mTLS mode each inbound port runs; AuthorizationPolicy becomes the
+RBAC filters of each inbound port. ``explain`` asks the same evaluator the
+RBAC filters were compiled from, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import trustmesh.mesh.envoy.rbac as envoy_rbac
+import trustmesh.policy.authz as authz
+import trustmesh.policy.mesh_model as mesh_model
+import trustmesh.policy.peerauthn as peerauthn
+from trustmesh.errors import InvalidInput, NotFound
+from trustmesh.mesh.envoy.compile import InboundPort, SidecarPlan, Upstream
+
+__all__ = ["check_resources", "explain", "find_workload", "plan_sidecar"]
+
+
+def _doc(r: Any) -> dict[str, Any]:
+    return dict(mesh_model.dump_resource(r))
+
+
+def _meta(doc: Mapping[str, Any]) -> tuple[str, str, dict[str, str]]:
+    meta = doc.get("metadata") or {}
+    return (str(meta.get("namespace") or "default"), str(meta.get("name") or ""),
+            dict(meta.get("labels") or {}))
+
+
+def _of_kind(resources: Sequence[Any], kind: str) -> list[Any]:
+    return [r for r in resources if mesh_model.resource_key(r)[0] == kind]
+
+
+def find_workload(resources: Sequence[Any], node_id: str) -> Any | None:
+    namespace, _, name = node_id.partition("/")
+    for w in _of_kind(resources, "Workload"):
+        if mesh_model.resource_key(w)[1:] == (namespace, name):
+            return w
+    return None
+
+
+def _selected(service: Mapping[str, Any], workloads: Sequence[Any]) -> list[Any]:
+    namespace, _, _ = _meta(service)
+    selector = dict((service.get("spec") or {}).get("selector") or {})
+    out = []
+    for w in workloads:
+        wns, _, labels = _meta(_doc(w))
+        if wns == namespace and all(labels.get(k) == v for k, v in selector.items()):
+            out.append(w)
+    return out
+
+
+def _find_service(resources: Sequence[Any], ref: str, namespace: str) -> dict[str, Any] | None:
+    ns, sep, name = ref.partition("/")
+    if not sep:
+        ns, name = namespace, ref
+    for s in _of_kind(resources, "Service"):
+        if mesh_model.resource_key(s)[1:] == (ns, name):
+            return _doc(s)
+    return None
+
+
+def _policies(resources: Sequence[Any], kind: str) -> list[Any]:
+    return _of_kind(resources, kind)
+
+
+def plan_sidecar(resources: Sequence[Any], workload: Any, trust_domain: str,
+                 root_namespace: str) -> SidecarPlan:
+    """What the workload's sidecar must do, from the whole mesh configuration."""
+    doc = _doc(workload)
+    namespace, name, labels = _meta(doc)
+    spec = doc.get("spec") or {}
+    address = str(spec.get("address") or "127.0.0.1")
+    authz_policies = _policies(resources, "AuthorizationPolicy")
+    peer_policies = _policies(resources, "PeerAuthentication")
+    inbound = []
+    for p in spec.get("ports") or []:
+        port = int(p["port"])
+        protocol = str(p.get("protocol") or "HTTP")
+        mode, _ = peerauthn.effective_mtls(peer_policies, namespace, labels, port,
+                                           root_namespace)
+        if protocol == "TCP":
+            inbound.append(InboundPort(
+                port=port, sidecar_port=int(p["sidecarPort"]), protocol=protocol,
+                mtls_mode=str(mode),
+                network_filters=tuple(envoy_rbac.compile_network_rbac(
+                    authz_policies, namespace, labels, port, root_namespace))))
+        else:
+            inbound.append(InboundPort(
+                port=port, sidecar_port=int(p["sidecarPort"]), protocol=protocol,
+                mtls_mode=str(mode),
+                http_filters=tuple(envoy_rbac.compile_http_rbac(
+                    authz_policies, namespace, labels, port, root_namespace))))
+    workloads = _of_kind(resources, "Workload")
+    upstreams = []
+    for u in spec.get("upstreams") or []:
+        service = _find_service(resources, str(u["service"]), namespace)
+        if service is None:
+            continue  # reported as a warning on apply; nothing to route to yet
+        sns, sname, _ = _meta(service)
+        sport = next((sp for sp in (service.get("spec") or {}).get("ports") or []
+                      if int(sp["port"]) == int(u["port"])), None)
+        if sport is None:
+            continue
+        target = int(sport.get("targetPort") or sport["port"])
+        endpoints, ids = [], []
+        for w in _selected(service, workloads):
+            wdoc = _doc(w)
+            for wp in (wdoc.get("spec") or {}).get("ports") or []:
+                if int(wp["port"]) == target:
+                    endpoints.append((str((wdoc.get("spec") or {}).get("address")
+                                          or "127.0.0.1"), int(wp["sidecarPort"])))
+                    ids.append(mesh_model.workload_spiffe_id(w, trust_domain))
+        upstreams.append(Upstream(
+            name=f"{sname}.{sns}:{sport['port']}", local_port=int(u["localPort"]),
+            protocol=str(sport.get("protocol") or "HTTP"), endpoints=tuple(endpoints),
+            spiffe_ids=tuple(sorted(set(ids)))))
+    return SidecarPlan(node_id=f"{namespace}/{name}",
+                       spiffe_id=mesh_model.workload_spiffe_id(workload, trust_domain),
+                       address=address, inbound=tuple(inbound), upstreams=tuple(upstreams))
+
+
+def check_resources(merged: Sequence[Any], applied: Sequence[Any], trust_domain: str,
+                    root_namespace: str) -> list[str]:
+    """Refuse configurations no sidecar could run (InvalidInput); warn about the rest."""
+    warnings: list[str] = []
+    listen: dict[tuple[str, int], str] = {}
+    workloads = _of_kind(merged, "Workload")
+    for w in workloads:
+        doc = _doc(w)
+        namespace, name, _ = _meta(doc)
+        spec = doc.get("spec") or {}
+        address = str(spec.get("address") or "127.0.0.1")
+        ports = [(address, int(p["sidecarPort"]), "sidecarPort") for p in spec.get("ports") or []]
+        ports += [("127.0.0.1", int(u["localPort"]), "localPort")
+                  for u in spec.get("upstreams") or []]
+        for host, port, what in ports:
+            owner = listen.get((host, port))
+            if owner is not None and owner != f"{namespace}/{name}":
+                raise InvalidInput(f"Workload {namespace}/{name}: {what} {port} on {host} is "
+                                   f"already used by Workload {owner}")
+            listen[(host, port)] = f"{namespace}/{name}"
+        for u in spec.get("upstreams") or []:
+            service = _find_service(merged, str(u["service"]), namespace)
+            if service is None:
+                warnings.append(f"Workload {namespace}/{name}: upstream service {u['service']} "
+                                "does not exist (yet); its local port will not listen")
+                continue
+            ports_of = [int(sp["port"]) for sp in (service.get("spec") or {}).get("ports") or []]
+            if int(u["port"]) not in ports_of:
+                warnings.append(f"Workload {namespace}/{name}: service {u['service']} has no "
+                                f"port {u['port']}")
+    for s in _of_kind(merged, "Service"):
+        doc = _doc(s)
+        if not _selected(doc, workloads):
+            namespace, name, _ = _meta(doc)
+            warnings.append(f"Service {namespace}/{name} selects no Workload")
+    warnings += authz.tcp_warnings(_of_kind(merged, "AuthorizationPolicy"),
+                                   [_workload_view(w) for w in workloads], root_namespace)
+    return warnings
+
+
+def _workload_view(w: Any) -> Any:
+    return w
+
+
+def _normalise_path(path: str) -> str:
+    """The path Envoy's inbound listener matches on (normalize_path, merge_slashes)."""
+    raw, sep, query = path.partition("?")
+    if not raw.startswith("/"):
+        raw = "/" + raw
+    norm = posixpath.normpath(raw)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    if raw.endswith("/") and norm != "/":
+        norm += "/"
+    return norm + (sep + query if sep else "")
+
+
+def explain(resources: Sequence[Any], query: Mapping[str, Any], trust_domain: str,
+            root_namespace: str) -> dict[str, Any]:
+    """Decide a call the way the destination's sidecar will, and say why."""
+    namespace = str(query.get("namespace") or "default")
+    name = str(query.get("workload") or "")
+    workload = find_workload(resources, f"{namespace}/{name}")
+    if workload is None:
+        raise NotFound(f"no Workload {namespace}/{name}", field="workload")
+    doc = _doc(workload)
+    _, _, labels = _meta(doc)
+    ports = (doc.get("spec") or {}).get("ports") or []
+    port = query.get("port")
+    if port is None:
+        if not ports:
+            raise InvalidInput(f"Workload {namespace}/{name} has no ports", field="port")
+        port = int(ports[0]["port"])
+    match = next((p for p in ports if int(p["port"]) == int(port)), None)
+    if match is None:
+        raise InvalidInput(f"Workload {namespace}/{name} has no port {port}", field="port")
+    protocol = "TCP" if str(match.get("protocol") or "HTTP") == "TCP" else "HTTP"
+    peer_policies = _policies(resources, "PeerAuthentication")
+    mode, mode_policy = peerauthn.effective_mtls(peer_policies, namespace, labels, int(port),
+                                                 root_namespace)
+    source = query.get("source_principal") or None
+    if source and not str(source).startswith("spiffe://"):
+        source = f"spiffe://{source}"
+    lines = [f"destination: Workload {namespace}/{name} port {port} ({protocol}), "
+             f"mTLS {mode}" + (f" (from PeerAuthentication {mode_policy})" if mode_policy
+                               else " (default)")]
+    if source is None and str(mode) == "STRICT":
+        summary = "DENY: strict mTLS refuses a caller without an identity"
+        lines.append(summary)
+        return {"allowed": False, "mtls_mode": str(mode), "policy": mode_policy,
+                "rule": None, "action": "MTLS", "summary": summary, "explanation": lines}
+    request = authz.AuthzRequest(
+        source_principal=source, source_ip=str(query.get("source_ip") or "127.0.0.1"),
+        destination_namespace=namespace, destination_labels=labels,
+        destination_port=int(port), protocol=protocol,
+        host=str(query.get("host") or ""), method=str(query.get("method") or "GET").upper(),
+        path=_normalise_path(str(query.get("path") or "/")),
+        headers={str(k).lower(): str(v) for k, v in (query.get("headers") or {}).items()})
+    decision = authz.evaluate(_policies(resources, "AuthorizationPolicy"), request,
+                              root_namespace=root_namespace)
+    out = decision.to_json()
+    summary = out.get("summary") or ("ALLOW" if decision.allowed else "DENY")
+    lines.append(str(summary))
+    for extra in out.get("details", []) or []:
+        lines.append(f"  {extra}")
+    out.update({"allowed": decision.allowed, "mtls_mode": str(mode), "summary": summary,
+                "explanation": lines})
+    return out

@@ -1,0 +1,357 @@
+"""AuthorizationPolicy evaluation with Istio's semantics: pure.
+
+Order: a matching DENY policy denies; else, when ALLOW policies select the
+workload, one of them must match; when none selects it, the request is
+allowed. AUDIT policies only record. Dry-run policies (``istio.io/dry-run:
+"true"``) are evaluated on the side and reported, never enforced.
+
+The matching primitives here (:func:`match_string`, :func:`namespace_regex`,
+:func:`host_regex`, :func:`effective_rules`) are the ones the Envoy RBAC
+compiler (``trustmesh.mesh.envoy.rbac``) translates, so ``policy explain``
+and the sidecars decide alike.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from trustmesh.policy.mesh_model import (
+    AuthorizationPolicy,
+    Condition,
+    Operation,
+    Rule,
+    Source,
+    Workload,
+)
+
+__all__ = [
+    "AuthzDecision",
+    "AuthzRequest",
+    "applicable_policies",
+    "effective_rules",
+    "evaluate",
+    "host_regex",
+    "match_string",
+    "namespace_regex",
+    "tcp_warnings",
+]
+
+HTTP_ONLY_CONDITION_PREFIX = "request."
+
+
+@dataclass(frozen=True)
+class AuthzRequest:
+    source_principal: str | None  # the peer's SPIFFE ID; None without mTLS
+    source_ip: str = "127.0.0.1"
+    remote_ip: str | None = None  # defaults to source_ip (no proxies in front)
+    destination_namespace: str = "default"
+    destination_labels: Mapping[str, str] = field(default_factory=dict)
+    destination_ip: str = "127.0.0.1"
+    destination_port: int = 80
+    protocol: str = "HTTP"  # HTTP or TCP
+    host: str = ""
+    method: str = "GET"
+    path: str = "/"
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    sni: str = ""
+
+
+@dataclass(frozen=True)
+class Match:
+    policy: str  # namespace/name
+    action: str
+    rule: int
+
+
+@dataclass(frozen=True)
+class AuthzDecision:
+    allowed: bool
+    action: str  # DENY | ALLOW | NO_ALLOW_MATCH | NO_POLICY
+    policy: str | None
+    rule: int | None
+    reason: str
+    audited: tuple[Match, ...] = ()
+    dry_run: tuple[dict[str, Any], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        verdict = "ALLOW" if self.allowed else "DENY"
+        summary = f"{verdict}: {self.reason}"
+        details = [f"audited by {m.policy} rule {m.rule}" for m in self.audited]
+        details += [f"dry run: {d['policy']} would {'allow' if d['allowed'] else 'deny'} "
+                    f"({d['reason']})" for d in self.dry_run]
+        return {"allowed": self.allowed, "action": self.action, "policy": self.policy,
+                "rule": self.rule, "reason": self.reason, "summary": summary,
+                "audited": [{"policy": m.policy, "rule": m.rule} for m in self.audited],
+                "dry_run": list(self.dry_run), "details": details}
+
+
+# -- string matching shared with the RBAC compiler -------------------------------------
+def match_string(pattern: str, value: str | None) -> bool:
+    """Istio's exact, ``prefix*``, ``*suffix`` and ``*`` (present) matching."""
+    if value is None:
+        return False
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    if pattern.startswith("*"):
+        return value.endswith(pattern[1:])
+    return value == pattern
+
+
+def _pattern_regex(pattern: str, segment: str) -> str:
+    if pattern == "*":
+        return segment
+    if pattern.endswith("*"):
+        return re.escape(pattern[:-1]) + segment.replace("+", "*")
+    if pattern.startswith("*"):
+        return segment.replace("+", "*") + re.escape(pattern[1:])
+    return re.escape(pattern)
+
+
+def namespace_regex(pattern: str) -> str:
+    """The principal regex Istio uses for a source namespace."""
+    return ".*/ns/" + _pattern_regex(pattern, "[^/]+") + "/.*"
+
+
+def host_regex(pattern: str) -> str:
+    """Hosts match case-insensitively, with or without a port."""
+    return "(?i)" + _pattern_regex(pattern, ".+") + "(:[0-9]+)?"
+
+
+def _in_cidrs(ip: str | None, cidrs: Iterable[str]) -> bool:
+    if not ip:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+# -- TCP semantics ------------------------------------------------------------------------
+def _condition_http_only(c: Condition) -> bool:
+    return c.key.startswith(HTTP_ONLY_CONDITION_PREFIX)
+
+
+def _rule_http_only(rule: Rule) -> bool:
+    return any(o.http_only() for o in rule.operations or ()) or any(
+        _condition_http_only(c) for c in rule.conditions)
+
+
+def _widen(rule: Rule) -> Rule:
+    ops = None
+    if rule.operations is not None:
+        ops = tuple(replace(o, hosts=None, not_hosts=None, methods=None, not_methods=None,
+                            paths=None, not_paths=None) for o in rule.operations)
+    return Rule(rule.sources, ops, tuple(c for c in rule.conditions
+                                         if not _condition_http_only(c)))
+
+
+def effective_rules(policy: AuthorizationPolicy, protocol: str) -> list[tuple[int, Rule]]:
+    """The rules that apply on a port of this protocol, with their original index.
+
+    On TCP, HTTP-only fields cannot be checked: an ALLOW (or AUDIT) rule using one is
+    dropped, and a DENY rule is kept without them (it widens), as Istio does.
+    """
+    out = []
+    for i, rule in enumerate(policy.rules):
+        if protocol == "TCP" and _rule_http_only(rule):
+            if policy.action == "DENY":
+                out.append((i, _widen(rule)))
+            continue
+        out.append((i, rule))
+    return out
+
+
+# -- matching -----------------------------------------------------------------------------
+def _any(patterns: Sequence[str] | None, value: str | None) -> bool:
+    return any(match_string(p, value) for p in patterns or ())
+
+
+def _source_matches(s: Source, r: AuthzRequest) -> bool:
+    p = r.source_principal
+    remote = r.remote_ip or r.source_ip
+    if s.principals is not None and not _any(s.principals, p):
+        return False
+    if s.not_principals is not None and _any(s.not_principals, p):
+        return False
+    if s.namespaces is not None and not (p and any(
+            re.fullmatch(namespace_regex(n), p) for n in s.namespaces)):
+        return False
+    if s.not_namespaces is not None and p and any(
+            re.fullmatch(namespace_regex(n), p) for n in s.not_namespaces):
+        return False
+    if s.ip_blocks is not None and not _in_cidrs(r.source_ip, s.ip_blocks):
+        return False
+    if s.not_ip_blocks is not None and _in_cidrs(r.source_ip, s.not_ip_blocks):
+        return False
+    if s.remote_ip_blocks is not None and not _in_cidrs(remote, s.remote_ip_blocks):
+        return False
+    return not (s.not_remote_ip_blocks is not None and _in_cidrs(remote,
+                                                                 s.not_remote_ip_blocks))
+
+
+def _host_matches(patterns: Sequence[str], host: str) -> bool:
+    return bool(host) and any(re.fullmatch(host_regex(h), host) for h in patterns)
+
+
+def _operation_matches(o: Operation, r: AuthzRequest) -> bool:
+    http = r.protocol != "TCP"
+    if http and o.hosts is not None and not _host_matches(o.hosts, r.host):
+        return False
+    if http and o.not_hosts is not None and _host_matches(o.not_hosts, r.host):
+        return False
+    if o.ports is not None and r.destination_port not in o.ports:
+        return False
+    if o.not_ports is not None and r.destination_port in o.not_ports:
+        return False
+    if http and o.methods is not None and not _any(o.methods, r.method):
+        return False
+    if http and o.not_methods is not None and _any(o.not_methods, r.method):
+        return False
+    path = r.path.split("?", 1)[0]
+    if http and o.paths is not None and not _any(o.paths, path):
+        return False
+    return not (http and o.not_paths is not None and _any(o.not_paths, path))
+
+
+def _condition_value(c: Condition, r: AuthzRequest) -> tuple[str, str | None]:
+    """(how to compare, the request's value)."""
+    header = c.header
+    if header is not None:
+        return "string", r.headers.get(header)
+    return {
+        "source.ip": ("ip", r.source_ip),
+        "remote.ip": ("ip", r.remote_ip or r.source_ip),
+        "destination.ip": ("ip", r.destination_ip),
+        "destination.port": ("port", str(r.destination_port)),
+        "source.principal": ("string", r.source_principal),
+        "source.namespace": ("namespace", r.source_principal),
+        "connection.sni": ("string", r.sni or None),
+    }[c.key]
+
+
+def _condition_hit(kind: str, patterns: Sequence[str], value: str | None) -> bool:
+    if kind == "ip":
+        return any(_in_cidrs(value, [p]) for p in patterns)
+    if kind == "port":
+        return value is not None and any(int(p) == int(value) for p in patterns)
+    if kind == "namespace":
+        return bool(value) and any(re.fullmatch(namespace_regex(p), value or "")
+                                   for p in patterns)
+    return _any(patterns, value)
+
+
+def _condition_matches(c: Condition, r: AuthzRequest) -> bool:
+    kind, value = _condition_value(c, r)
+    if c.values is not None and not _condition_hit(kind, c.values, value):
+        return False
+    return not (c.not_values is not None and _condition_hit(kind, c.not_values, value))
+
+
+def rule_matches(rule: Rule, r: AuthzRequest) -> bool:
+    if rule.sources is not None and not any(_source_matches(s, r) for s in rule.sources):
+        return False
+    if rule.operations is not None and not any(_operation_matches(o, r)
+                                               for o in rule.operations):
+        return False
+    return all(_condition_matches(c, r) for c in rule.conditions)
+
+
+def _first_match(policy: AuthorizationPolicy, r: AuthzRequest) -> int | None:
+    for i, rule in effective_rules(policy, "TCP" if r.protocol == "TCP" else "HTTP"):
+        if rule_matches(rule, r):
+            return i
+    return None
+
+
+# -- selection and evaluation --------------------------------------------------------------
+def applicable_policies(policies: Iterable[AuthorizationPolicy], namespace: str,
+                        labels: Mapping[str, str], root_namespace: str
+                        ) -> list[AuthorizationPolicy]:
+    """Policies that select a workload: its namespace's and the root namespace's, with a
+    selector (all labels must match) or without one (every workload in scope)."""
+    out = []
+    for p in policies:
+        if p.meta.namespace not in (namespace, root_namespace):
+            continue
+        if p.selector and any(labels.get(k) != v for k, v in p.selector.items()):
+            continue
+        out.append(p)
+    return sorted(out, key=lambda p: (p.meta.namespace, p.meta.name))
+
+
+def _decide(policies: Sequence[AuthorizationPolicy], r: AuthzRequest) -> AuthzDecision:
+    audited = tuple(Match(p.ref, p.action, i) for p in policies if p.action == "AUDIT"
+                    for i in [_first_match(p, r)] if i is not None)
+    for p in policies:
+        if p.action == "DENY":
+            i = _first_match(p, r)
+            if i is not None:
+                return AuthzDecision(False, "DENY", p.ref, i,
+                                     f"DENY policy {p.ref} rule {i} matched", audited)
+    allows = [p for p in policies if p.action == "ALLOW"]
+    if not allows:
+        return AuthzDecision(True, "NO_POLICY", None, None,
+                             "no ALLOW policy selects this workload", audited)
+    for p in allows:
+        i = _first_match(p, r)
+        if i is not None:
+            return AuthzDecision(True, "ALLOW", p.ref, i,
+                                 f"ALLOW policy {p.ref} rule {i} matched", audited)
+    names = ", ".join(p.ref for p in allows)
+    only = allows[0].ref if len(allows) == 1 else None
+    return AuthzDecision(False, "NO_ALLOW_MATCH", only, None,
+                         f"no rule of the ALLOW policies ({names}) matched", audited)
+
+
+def evaluate(policies: Iterable[AuthorizationPolicy], request: AuthzRequest, *,
+             root_namespace: str = "istio-system") -> AuthzDecision:
+    """Decide a request as the destination's sidecar does, and say why."""
+    selected = applicable_policies(policies, request.destination_namespace,
+                                   request.destination_labels, root_namespace)
+    enforced = [p for p in selected if not p.dry_run]
+    decision = _decide(enforced, request)
+    shadows = []
+    for p in selected:
+        if not p.dry_run:
+            continue
+        i = _first_match(p, request)
+        if p.action == "DENY":
+            allowed, reason = i is None, (f"rule {i} matched" if i is not None else
+                                          "no rule matched")
+        elif p.action == "ALLOW":
+            allowed, reason = i is not None, (f"rule {i} matched" if i is not None else
+                                              "no rule matched")
+        else:
+            allowed, reason = True, (f"rule {i} matched" if i is not None else "no match")
+        shadows.append({"policy": p.ref, "action": p.action, "rule": i, "allowed": allowed,
+                        "reason": reason})
+    return replace(decision, dry_run=tuple(shadows))
+
+
+def tcp_warnings(policies: Iterable[AuthorizationPolicy], workloads: Iterable[Workload],
+                 root_namespace: str) -> list[str]:
+    """Say where HTTP-only fields meet TCP ports (Istio's documented behaviour)."""
+    out = []
+    policies = list(policies)
+    for w in workloads:
+        tcp_ports = [p.port for p in w.ports if p.protocol == "TCP"]
+        if not tcp_ports:
+            continue
+        for p in applicable_policies(policies, w.meta.namespace, w.meta.labels,
+                                     root_namespace):
+            for i, rule in enumerate(p.rules):
+                if not _rule_http_only(rule):
+                    continue
+                effect = ("is ignored on them (it allows nothing there)" if p.action != "DENY"
+                          else "is enforced without its HTTP-only fields (it denies more)")
+                out.append(f"AuthorizationPolicy {p.ref} rule {i} uses HTTP-only fields; "
+                           f"Workload {w.meta.namespace}/{w.meta.name} has TCP port(s) "
+                           f"{', '.join(map(str, tcp_ports))}: the {p.action} rule {effect}")
+    return out

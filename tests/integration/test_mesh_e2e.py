@@ -1,0 +1,177 @@
+"""The mesh end to end: real server, agent, Envoy sidecars and an echo app on loopback.
+
+Each step of the Istio + SPIRE scenario is asserted on status codes and
+headers; policy changes are timed while traffic flows.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from trustmesh.mesh.demo import ALLOW_CLIENT, ALLOW_PAYMENT_ONLY, DEFAULT_DENY, MeshLab
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[MeshLab]:
+    lab = MeshLab()  # its own directory under /tmp: sidecars run as other users
+    try:
+        lab.start()
+        yield lab
+    finally:
+        lab.stop()
+        shutil.rmtree(lab.base, ignore_errors=True)
+
+
+@pytest.fixture
+def clean(lab: MeshLab) -> Iterator[MeshLab]:
+    """Every test starts with no AuthorizationPolicy (allow all) and ends the same way."""
+    def reset() -> None:
+        for text in (DEFAULT_DENY, ALLOW_CLIENT):
+            lab.cli("delete", "--ignore-not-found", "-f", "-", input=text)
+        assert lab.wait_status("GET", "/", 200)[0].status == 200
+
+    reset()
+    yield lab
+    reset()
+
+
+def test_a_caller_without_identity_cannot_connect(clean: MeshLab) -> None:
+    result = clean.call_without_identity()
+    assert result.status == 0, result
+    assert "SSL" in result.error or "closed" in result.error or "reset" in result.error.lower()
+
+
+def test_mtls_call_carries_the_client_identity_in_xfcc(clean: MeshLab) -> None:
+    result = clean.call("GET", "/hello")
+    assert result.status == 200, result
+    seen = result.json()
+    assert seen["path"] == "/hello"
+    xfcc = seen["headers"]["x-forwarded-client-cert"]
+    parts = dict(p.split("=", 1) for p in xfcc.split(";"))
+    assert parts["By"] == clean.spiffe_id("echo")
+    assert parts["URI"] == clean.spiffe_id("client")
+    assert len(parts["Hash"]) == 64
+
+
+def test_default_deny_then_allow_principal_then_method_and_path(clean: MeshLab) -> None:
+    clean.apply(DEFAULT_DENY)
+    denied, took = clean.wait_status("GET", "/", 403, timeout=5)
+    assert denied.status == 403 and denied.body == "RBAC: access denied", denied
+    assert took < 1.0, f"default deny took {took:.2f}s to be enforced"
+    verdict = clean.explain("GET", "/", clean.spiffe_id("client"))
+    assert verdict["allowed"] is False and verdict["policy"] == "default/allow-nothing"
+
+    clean.apply(ALLOW_CLIENT)
+    allowed, took = clean.wait_status("GET", "/", 200, timeout=5)
+    assert allowed.status == 200 and took < 1.0, (allowed, took)
+    verdict = clean.explain("GET", "/", clean.spiffe_id("client"))
+    assert verdict["allowed"] is True and verdict["policy"] == "default/allow-client"
+    assert verdict["rule"] == 0
+
+    clean.apply(ALLOW_PAYMENT_ONLY)
+    post, _ = clean.wait_status("POST", "/api/payment", 200, timeout=5)
+    get, _ = clean.wait_status("GET", "/list", 403, timeout=5)
+    assert (post.status, get.status) == (200, 403)
+    assert clean.call("GET", "/api/payment").status == 403
+    assert clean.explain("POST", "/api/payment", clean.spiffe_id("client"))["allowed"] is True
+    assert clean.explain("GET", "/list", clean.spiffe_id("client"))["allowed"] is False
+    # another principal is not the client
+    other = clean.explain("POST", "/api/payment", "spiffe://example.org/ns/default/sa/other")
+    assert other["allowed"] is False
+
+
+def test_policy_applied_under_traffic_takes_effect_within_a_second(clean: MeshLab) -> None:
+    statuses: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        deadline = time.monotonic() + 20  # bounded even if the test fails
+        while not stop.is_set() and time.monotonic() < deadline:
+            statuses.append((time.monotonic(), clean.call("GET", "/").status))
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        time.sleep(0.5)
+        applied_at = time.monotonic()
+        clean.apply(DEFAULT_DENY)
+        acknowledged = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        t.join()
+    first_403 = next(ts for ts, status in statuses if status == 403)
+    assert first_403 - acknowledged < 1.0, (first_403 - acknowledged)
+    assert first_403 - applied_at < 2.0
+    assert all(s == 200 for ts, s in statuses if ts < applied_at), "errors before the change"
+    assert all(s == 403 for ts, s in statuses if ts > first_403 + 0.5)
+    assert {s for _, s in statuses} <= {200, 403}, "no request failed outright"
+
+
+def test_a_bad_policy_is_refused_and_the_old_one_keeps_working(clean: MeshLab) -> None:
+    clean.apply(ALLOW_CLIENT)
+    assert clean.wait_status("GET", "/", 200)[0].status == 200
+    bad = ALLOW_CLIENT.replace("action: ALLOW", "action: PERMIT")
+    proc = clean.cli("apply", "-f", "-", input="---\n".join([DEFAULT_DENY, bad]), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "spec.action" in proc.stderr and "PERMIT" in proc.stderr
+    names = [r["metadata"]["name"] for r in clean.cli_json("get", "authorizationpolicies")[
+        "resources"]]
+    assert names == ["allow-client"], "nothing of the bad input was stored"
+    time.sleep(0.5)
+    assert clean.call("GET", "/").status == 200
+
+
+def test_get_lists_resources_in_every_format(clean: MeshLab) -> None:
+    text = clean.cli("get", "workloads").stdout
+    assert "Workload" in text and "echo" in text and "client" in text
+    docs = clean.cli_json("get", "workload")["resources"]
+    assert {d["metadata"]["name"] for d in docs} == {"echo", "client"}
+    assert "kind: Workload" in clean.cli("get", "workloads", "-o", "yaml").stdout
+    proc = clean.cli("get", "gateways", check=False)
+    assert proc.returncode == 2 and "gateways" in proc.stderr
+
+
+def test_a_sidecar_must_present_its_own_workload_identity(lab: MeshLab) -> None:
+    """ADS refuses a sidecar whose SVID is not the identity of the workload it claims."""
+    import subprocess
+
+    from trustmesh.mesh.sidecar import SidecarOptions, envoy_command, write_bootstrap
+
+    opts = SidecarOptions(workload="default/echo",
+                          server_address=f"127.0.0.1:{lab.ports['agent_api']}",
+                          agent_socket=lab.agent_socket, trust_domain=lab.trust_domain,
+                          svid_name=lab.spiffe_id("client") if not lab.as_root else "default",
+                          admin_address="127.0.0.1:0")
+    tmp_path = Path(tempfile.mkdtemp(prefix="tm-sidecar-", dir=lab.base))
+    tmp_path.chmod(0o777)  # the Envoy below runs as another user
+    cmd = envoy_command(opts, write_bootstrap(opts, tmp_path), tmp_path / "admin")
+    if lab.as_root:  # run as the client's uid: it is entitled to the client identity only
+        cmd = ["setpriv", "--reuid=61002", "--regid=61002", "--clear-groups", *cmd]
+    log = tmp_path / "envoy.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + 20
+            text = ""
+            while time.monotonic() < deadline:
+                text = lab.log_tail("server", 200_000)
+                if "ADS refused a sidecar" in text:
+                    break
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    refused = [line for line in text.splitlines() if "ADS refused a sidecar" in line]
+    assert refused, text[-3000:] + log.read_text(errors="replace")[-3000:]
+    assert f"must present {lab.spiffe_id('echo')}" in refused[-1]
+    assert lab.spiffe_id("client") in refused[-1]
