@@ -135,7 +135,12 @@ def _source(s: Source) -> list[rbac.Principal]:
     return parts
 
 
-def _operation(o: Operation) -> list[rbac.Permission]:
+def _constant(value: bool) -> rbac.Permission:
+    anything = rbac.Permission(any=True)
+    return anything if value else rbac.Permission(not_rule=anything)
+
+
+def _operation(o: Operation, port: int) -> list[rbac.Permission]:
     parts: list[rbac.Permission] = []
 
     def add(values: Iterable[object] | None, build: object, negate: bool) -> None:
@@ -148,8 +153,10 @@ def _operation(o: Operation) -> list[rbac.Permission]:
         return rbac.Permission(header=route_components_pb2.HeaderMatcher(
             name=":authority", string_match=_regex(host_regex(v))))
 
-    def port(v: int) -> rbac.Permission:
-        return rbac.Permission(destination_port=v)
+    def port_is(v: int) -> rbac.Permission:
+        # The listener serves one application port: decided here, since the port Envoy
+        # listens on is the sidecar's, not the application's that policies name.
+        return _constant(v == port)
 
     def method(v: str) -> rbac.Permission:
         return _header(":method", v)
@@ -160,8 +167,8 @@ def _operation(o: Operation) -> list[rbac.Permission]:
 
     add(o.hosts, host, False)
     add(o.not_hosts, host, True)
-    add(o.ports, port, False)
-    add(o.not_ports, port, True)
+    add(o.ports, port_is, False)
+    add(o.not_ports, port_is, True)
     add(o.methods, method, False)
     add(o.not_methods, method, True)
     add(o.paths, path, False)
@@ -187,7 +194,7 @@ def _condition_principal(c: Condition) -> list[rbac.Principal]:
     return out
 
 
-def _condition_permission(c: Condition) -> list[rbac.Permission]:
+def _condition_permission(c: Condition, port: int) -> list[rbac.Permission]:
     header = c.header
 
     def one(v: str) -> rbac.Permission:
@@ -196,7 +203,7 @@ def _condition_permission(c: Condition) -> list[rbac.Permission]:
         if c.key == "destination.ip":
             return rbac.Permission(destination_ip=_cidr(v))
         if c.key == "destination.port":
-            return rbac.Permission(destination_port=int(v))
+            return _constant(int(v) == port)
         return rbac.Permission(requested_server_name=_string(v))  # connection.sni
 
     out = []
@@ -207,11 +214,11 @@ def _condition_permission(c: Condition) -> list[rbac.Permission]:
     return out
 
 
-def _policy(rule: Rule) -> rbac.Policy:
+def _policy(rule: Rule, port: int) -> rbac.Policy:
     principal_conditions = [p for c in rule.conditions if c.key in _PRINCIPAL_KEYS
                             for p in _condition_principal(c)]
     permission_conditions = [p for c in rule.conditions if c.key not in _PRINCIPAL_KEYS
-                             for p in _condition_permission(c)]
+                             for p in _condition_permission(c, port)]
     if rule.sources is None:
         principals = [_and_id(principal_conditions)]
     else:
@@ -219,18 +226,18 @@ def _policy(rule: Rule) -> rbac.Policy:
     if rule.operations is None:
         permissions = [_and_perm(permission_conditions)]
     else:
-        permissions = [_and_perm([*_operation(o), *permission_conditions])
+        permissions = [_and_perm([*_operation(o, port), *permission_conditions])
                        for o in rule.operations]
     return rbac.Policy(permissions=permissions, principals=principals)
 
 
-def compile_policies(policies: Iterable[AuthorizationPolicy], protocol: str
+def compile_policies(policies: Iterable[AuthorizationPolicy], protocol: str, port: int
                      ) -> dict[str, rbac.Policy]:
     """Envoy policies named ``<ns>/<name>/rule-<i>`` for the effective rules."""
     out = {}
     for p in policies:
         for i, rule in effective_rules(p, protocol):
-            out[f"{p.ref}/rule-{i}"] = _policy(rule)
+            out[f"{p.ref}/rule-{i}"] = _policy(rule, port)
     return out
 
 
@@ -258,10 +265,9 @@ def compile_http_rbac(policies: Iterable[AuthorizationPolicy], namespace: str,
                       labels: Mapping[str, str], port: int, root_namespace: str
                       ) -> list[hcm_pb2.HttpFilter]:
     """HTTP RBAC filters for a workload's HTTP port (before the router)."""
-    del port  # ports are matched by Envoy itself (destination_port)
     filters = []
     for action, dry, group in _groups(policies, namespace, labels, root_namespace):
-        rules = rbac.RBAC(action=_ACTIONS[action], policies=compile_policies(group, "HTTP"))
+        rules = rbac.RBAC(action=_ACTIONS[action], policies=compile_policies(group, "HTTP", port))
         if action == "DENY" and not rules.policies and not dry:
             continue  # a DENY policy without rules denies nothing
         config = (http_rbac.RBAC(shadow_rules=rules,
@@ -278,7 +284,7 @@ def compile_network_rbac(policies: Iterable[AuthorizationPolicy], namespace: str
     """Network RBAC filters for a workload's TCP port (before tcp_proxy)."""
     filters = []
     for action, dry, group in _groups(policies, namespace, labels, root_namespace):
-        rules = rbac.RBAC(action=_ACTIONS[action], policies=compile_policies(group, "TCP"))
+        rules = rbac.RBAC(action=_ACTIONS[action], policies=compile_policies(group, "TCP", port))
         if action == "DENY" and not rules.policies and not dry:
             continue
         prefix = f"tcp_{port}_{action.lower()}{'_dry_run' if dry else ''}_"
