@@ -113,8 +113,9 @@ def test_policy_applied_under_traffic_takes_effect_within_a_second(clean: MeshLa
     assert first_403 - acknowledged < 1.0, (first_403 - acknowledged)
     assert first_403 - applied_at < 2.0
     assert all(s == 200 for ts, s in statuses if ts < applied_at), "errors before the change"
-    assert all(s == 403 for ts, s in statuses if ts > first_403 + 0.5)
-    assert {s for _, s in statuses} <= {200, 403}, "no request failed outright"
+    assert all(s == 403 for ts, s in statuses if ts > first_403 + 0.5), statuses
+    failed = [(round(ts - applied_at, 3), s) for ts, s in statuses if s not in (200, 403)]
+    assert not failed, f"requests failed outright around the change: {failed}"
 
 
 def test_a_bad_policy_is_refused_and_the_old_one_keeps_working(clean: MeshLab) -> None:
