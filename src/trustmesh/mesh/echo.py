@@ -16,6 +16,7 @@ __all__ = ["EchoHandler", "serve"]
 class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as services behind a sidecar see it
     server_version = "trustmesh-echo"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
 
     def _answer(self) -> None:
         length = int(self.headers.get("content-length") or 0)

@@ -31,6 +31,7 @@ class SidecarOptions:
     admin_address: str = "127.0.0.1:0"
     log_level: str = "warning"
     drain_seconds: int = 1
+    concurrency: int = 2  # worker threads (Istio's sidecars default to 2)
     envoy: str | None = None
 
 
@@ -84,7 +85,7 @@ def envoy_command(opts: SidecarOptions, bootstrap: Path, admin_path: Path | None
                   ) -> list[str]:
     cmd = [envoy_binary(opts.envoy), "-c", str(bootstrap), "--log-level", opts.log_level,
            "--disable-hot-restart", "--drain-time-s", str(opts.drain_seconds),
-           "--drain-strategy", "immediate"]
+           "--drain-strategy", "immediate", "--concurrency", str(opts.concurrency)]
     if admin_path is not None:
         cmd += ["--admin-address-path", str(admin_path)]
     return cmd
