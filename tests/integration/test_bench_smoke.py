@@ -44,3 +44,18 @@ def test_workload_api_benchmark_smoke() -> None:
     rows = out["rows"]
     assert isinstance(rows, list) and [r["entries"] for r in rows] == [10, 100]
     assert all(r["p50_ms"] > 0 and r["agent_max_rss_mib"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_mesh_latency_benchmark_smoke() -> None:
+    out = run_bench("bench_mesh_latency.py")
+    assert out["failures"] == {"direct": 0, "mesh": 0}
+    assert out["mesh"]["p50_ms"] > 0 and out["direct"]["p50_ms"] > 0  # type: ignore[index]
+
+
+@pytest.mark.slow
+def test_mesh_control_benchmark_smoke() -> None:
+    out = run_bench("bench_mesh_control.py")
+    push = out["push"]
+    assert push["not_updated"] == 0 and push["enforced_status"] == 403  # type: ignore[index]
+    assert out["compile"]["config_bytes"] > 0  # type: ignore[index]
