@@ -6,7 +6,10 @@ headers; policy changes are timed while traffic flows.
 
 from __future__ import annotations
 
+import http.client
+import json
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -138,8 +141,8 @@ def test_get_lists_resources_in_every_format(clean: MeshLab) -> None:
     docs = clean.cli_json("get", "workload")["resources"]
     assert {d["metadata"]["name"] for d in docs} == {"echo", "client"}
     assert "kind: Workload" in clean.cli("get", "workloads", "-o", "yaml").stdout
-    proc = clean.cli("get", "gateways", check=False)
-    assert proc.returncode == 2 and "gateways" in proc.stderr
+    proc = clean.cli("get", "virtualservices", check=False)
+    assert proc.returncode == 2 and "unknown kind 'virtualservices'" in proc.stderr
 
 
 def test_a_sidecar_must_present_its_own_workload_identity(lab: MeshLab) -> None:
@@ -176,3 +179,173 @@ def test_a_sidecar_must_present_its_own_workload_identity(lab: MeshLab) -> None:
     assert refused, text[-3000:] + log.read_text(errors="replace")[-3000:]
     assert f"must present {lab.spiffe_id('echo')}" in refused[-1]
     assert lab.spiffe_id("client") in refused[-1]
+
+
+def test_a_certificate_from_another_trust_domain_is_refused(clean: MeshLab) -> None:
+    """A client with a valid-looking SVID from a foreign CA cannot even finish the TLS
+    handshake with the echo sidecar (no bundle for that trust domain)."""
+    import socket
+    import ssl
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intruder")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(
+                "spiffe://other.org/ns/default/sa/client")]), False)
+            .sign(key, hashes.SHA256()))
+    base = Path(tempfile.mkdtemp(dir=clean.base))
+    (base / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (base / "c.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(str(base / "c.pem"), str(base / "c.key"))
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        with socket.create_connection(("127.0.0.1", clean.ports["echo_sidecar"]),
+                                      timeout=5) as raw, ctx.wrap_socket(raw) as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n")
+            if not tls.recv(100):
+                raise ConnectionError("closed")
+    assert clean.call("GET", "/").status == 200  # the mesh's own client still gets through
+
+
+def _key_and_csr(base: Path, name: str, cn: str) -> Path:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    (base / f"{name}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+           .sign(key, hashes.SHA256()))
+    path = base / f"{name}.csr"
+    path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_ingress_gateway_terminates_tls_and_mutual_tls_then_mtls_inside(clean: MeshLab) -> None:
+    import os
+    import socket
+    import ssl
+    import subprocess
+
+    from trustmesh.mesh.demo import _free_port
+    from trustmesh.mesh.sidecar import envoy_binary
+
+    base = Path(tempfile.mkdtemp(prefix="gw-", dir=clean.base))
+    uid = 61003
+    ingress_id = clean.spiffe_id("ingress")
+    selectors = (["--selector", f"unix:uid:{uid}"] if clean.as_root else
+                 ["--selector", f"unix:uid:{os.geteuid()}", "--selector",
+                  f"unix:path:{os.path.realpath(envoy_binary())}"])
+    clean.cli("entry", "create", "--spiffe-id", ingress_id, "--parent-id",
+              f"spiffe://{clean.trust_domain}/node/demo", *selectors)
+    # the gateway's certificate for outside clients, and an outside client's certificate,
+    # both from the trustmesh CA
+    server = clean.cli_json("ca", "issue", "--csr", str(_key_and_csr(base, "server",
+                                                                      "echo.example.com")),
+                            "--template", "end-entity-server", "--dns-name", "echo.example.com")
+    (base / "server.pem").write_text(server["chain_pem"])
+    client = clean.cli_json("ca", "issue", "--csr", str(_key_and_csr(base, "client",
+                                                                      "partner-app")),
+                            "--template", "end-entity-client")
+    (base / "client.pem").write_text(client["chain_pem"])
+    roots = clean.cli("bundle", "show", "--format", "pem").stdout
+    (base / "roots.pem").write_text(roots)
+    simple, mutual = _free_port(), _free_port()
+    clean.apply(f"""\
+apiVersion: mesh.trustmesh.io/v1alpha1
+kind: Gateway
+metadata: {{name: ingress, namespace: default}}
+spec:
+  serviceAccount: ingress
+  servers:
+  - {{port: {simple}, hosts: [echo.example.com], tls: {{mode: SIMPLE}},
+     routes: [{{pathPrefix: /, service: echo, port: 80}}]}}
+  - {{port: {mutual}, hosts: ["*"], tls: {{mode: MUTUAL}},
+     routes: [{{pathPrefix: /, service: echo, port: 80}}]}}
+""")
+    if clean.as_root:
+        for f in base.iterdir():
+            os.chown(f, uid, uid)
+        os.chown(base, uid, uid)
+    cmd = [sys.executable, "-m", "trustmesh.cli.main", "gateway", "run", "--gateway",
+           "default/ingress", "--tls-cert", str(base / "server.pem"), "--tls-key",
+           str(base / "server.key"), "--client-ca", str(base / "roots.pem"),
+           "--server-address", f"127.0.0.1:{clean.ports['agent_api']}",
+           "--agent-socket", str(clean.agent_socket), "--work-dir", str(base)]
+    if clean.as_root:
+        cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
+    else:
+        cmd += ["--svid", ingress_id]
+    log = open(base / "gateway.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+
+    def https(port: int, cert: bool) -> tuple[int, dict[str, str]]:
+        ctx = ssl.create_default_context(cafile=str(base / "roots.pem"))
+        if cert:
+            ctx.load_cert_chain(str(base / "client.pem"), str(base / "client.key"))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
+        try:
+            conn.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), 5),
+                                        server_hostname="echo.example.com")
+            conn.request("GET", "/from-outside", headers={"host": "echo.example.com"})
+            resp = conn.getresponse()
+            body = resp.read()
+            return resp.status, json.loads(body)["headers"] if resp.status == 200 else {}
+        finally:
+            conn.close()
+
+    try:
+        deadline = time.monotonic() + 40
+        status, headers = 0, {}
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (base / "gateway.log").read_text()[-3000:]
+            try:
+                status, headers = https(simple, cert=False)
+                if status == 200:
+                    break
+            except (OSError, ssl.SSLError):
+                pass
+            time.sleep(0.2)
+        # SIMPLE: server-authenticated TLS outside (verified against the trustmesh root for
+        # the name echo.example.com), then mTLS inside with the gateway's SVID
+        assert status == 200, (base / "gateway.log").read_text()[-3000:]
+        xfcc = dict(p.split("=", 1) for p in headers["x-forwarded-client-cert"].split(";"))
+        assert xfcc["URI"] == ingress_id and xfcc["By"] == clean.spiffe_id("echo")
+        # MUTUAL: no client certificate, no handshake; with one, through to the app
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException,
+                            OSError)):
+            https(mutual, cert=False)
+        status, headers = https(mutual, cert=True)
+        assert status == 200
+        assert "partner-app" not in headers.get("x-forwarded-client-cert", "")
+        # the workload's policy sees the gateway's identity
+        clean.apply(DEFAULT_DENY)
+        deadline = time.monotonic() + 5
+        while https(simple, cert=False)[0] != 403 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert https(simple, cert=False)[0] == 403
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+        clean.cli("delete", "--ignore-not-found", "-f", "-", input=(
+            "apiVersion: mesh.trustmesh.io/v1alpha1\nkind: Gateway\n"
+            "metadata: {name: ingress, namespace: default}\n"
+            f"spec: {{servers: [{{port: {simple}, routes: [{{service: echo, port: 80}}]}}]}}\n"))

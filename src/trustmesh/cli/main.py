@@ -38,6 +38,7 @@ _GROUPS: tuple[tuple[str, str], ...] = (
     ("trustmesh.cli.rbac", "rbac"),
     ("trustmesh.cli.netpol_lab", "netlab"),
     ("trustmesh.cli.sidecar", "sidecar"),
+    ("trustmesh.cli.gateway", "gateway"),
     ("trustmesh.cli.mesh", "apply"),
     ("trustmesh.cli.mesh", "delete"),
     ("trustmesh.cli.mesh", "get"),

@@ -17,7 +17,7 @@ import trustmesh.policy.authz as authz
 import trustmesh.policy.mesh_model as mesh_model
 import trustmesh.policy.peerauthn as peerauthn
 from trustmesh.errors import InvalidInput, NotFound
-from trustmesh.mesh.envoy.compile import InboundPort, SidecarPlan, Upstream
+from trustmesh.mesh.envoy.compile import GatewayListener, InboundPort, SidecarPlan, Upstream
 
 __all__ = ["check_resources", "explain", "find_workload", "plan_sidecar"]
 
@@ -37,10 +37,12 @@ def _of_kind(resources: Sequence[Any], kind: str) -> list[Any]:
 
 
 def find_workload(resources: Sequence[Any], node_id: str) -> Any | None:
+    """The Workload (or Gateway) an Envoy node ID ``namespace/name`` names."""
     namespace, _, name = node_id.partition("/")
-    for w in _of_kind(resources, "Workload"):
-        if mesh_model.resource_key(w)[1:] == (namespace, name):
-            return w
+    for kind in ("Workload", "Gateway"):
+        for w in _of_kind(resources, kind):
+            if mesh_model.resource_key(w)[1:] == (namespace, name):
+                return w
     return None
 
 
@@ -72,6 +74,8 @@ def _policies(resources: Sequence[Any], kind: str) -> list[Any]:
 def plan_sidecar(resources: Sequence[Any], workload: Any, trust_domain: str,
                  root_namespace: str) -> SidecarPlan:
     """What the workload's sidecar must do, from the whole mesh configuration."""
+    if isinstance(workload, mesh_model.Gateway):
+        return plan_gateway(resources, workload, trust_domain)
     doc = _doc(workload)
     namespace, name, labels = _meta(doc)
     spec = doc.get("spec") or {}
@@ -96,33 +100,58 @@ def plan_sidecar(resources: Sequence[Any], workload: Any, trust_domain: str,
                 mtls_mode=str(mode),
                 http_filters=tuple(envoy_rbac.compile_http_rbac(
                     authz_policies, namespace, labels, port, root_namespace))))
-    workloads = _of_kind(resources, "Workload")
     upstreams = []
     for u in spec.get("upstreams") or []:
-        service = _find_service(resources, str(u["service"]), namespace)
-        if service is None:
-            continue  # reported as a warning on apply; nothing to route to yet
-        sns, sname, _ = _meta(service)
-        sport = next((sp for sp in (service.get("spec") or {}).get("ports") or []
-                      if int(sp["port"]) == int(u["port"])), None)
-        if sport is None:
-            continue
-        target = int(sport.get("targetPort") or sport["port"])
-        endpoints, ids = [], []
-        for w in _selected(service, workloads):
-            wdoc = _doc(w)
-            for wp in (wdoc.get("spec") or {}).get("ports") or []:
-                if int(wp["port"]) == target:
-                    endpoints.append((str((wdoc.get("spec") or {}).get("address")
-                                          or "127.0.0.1"), int(wp["sidecarPort"])))
-                    ids.append(mesh_model.workload_spiffe_id(w, trust_domain))
-        upstreams.append(Upstream(
-            name=f"{sname}.{sns}:{sport['port']}", local_port=int(u["localPort"]),
-            protocol=str(sport.get("protocol") or "HTTP"), endpoints=tuple(endpoints),
-            spiffe_ids=tuple(sorted(set(ids)))))
+        up = _upstream(resources, str(u["service"]), int(u["port"]), namespace,
+                       int(u["localPort"]), trust_domain)
+        if up is not None:  # else reported as a warning on apply; nothing to route to yet
+            upstreams.append(up)
     return SidecarPlan(node_id=f"{namespace}/{name}",
                        spiffe_id=mesh_model.workload_spiffe_id(workload, trust_domain),
                        address=address, inbound=tuple(inbound), upstreams=tuple(upstreams))
+
+
+def _upstream(resources: Sequence[Any], ref: str, port: int, namespace: str,
+              local_port: int, trust_domain: str) -> Upstream | None:
+    """A service port resolved to its workloads' sidecars and identities."""
+    service = _find_service(resources, ref, namespace)
+    if service is None:
+        return None
+    sns, sname, _ = _meta(service)
+    sport = next((sp for sp in (service.get("spec") or {}).get("ports") or []
+                  if int(sp["port"]) == port), None)
+    if sport is None:
+        return None
+    target = int(sport.get("targetPort") or sport["port"])
+    endpoints, ids = [], []
+    for w in _selected(service, _of_kind(resources, "Workload")):
+        wdoc = _doc(w)
+        for wp in (wdoc.get("spec") or {}).get("ports") or []:
+            if int(wp["port"]) == target:
+                endpoints.append((str((wdoc.get("spec") or {}).get("address") or "127.0.0.1"),
+                                  int(wp["sidecarPort"])))
+                ids.append(mesh_model.workload_spiffe_id(w, trust_domain))
+    return Upstream(name=f"{sname}.{sns}:{sport['port']}", local_port=local_port,
+                    protocol=str(sport.get("protocol") or "HTTP"), endpoints=tuple(endpoints),
+                    spiffe_ids=tuple(sorted(set(ids))))
+
+
+def plan_gateway(resources: Sequence[Any], gateway: mesh_model.Gateway, trust_domain: str
+                 ) -> SidecarPlan:
+    """An ingress gateway: TLS listeners for outside clients, mTLS to the workloads."""
+    namespace = gateway.meta.namespace
+    listeners = []
+    for server in gateway.servers:
+        routes = []
+        for r in server.routes:
+            up = _upstream(resources, r.service, r.port, namespace, 0, trust_domain)
+            if up is not None and up.endpoints:
+                routes.append((r.path_prefix, up))
+        listeners.append(GatewayListener(server.port, server.hosts, server.tls_mode,
+                                         tuple(routes)))
+    return SidecarPlan(node_id=f"{namespace}/{gateway.meta.name}",
+                       spiffe_id=mesh_model.workload_spiffe_id(gateway, trust_domain),
+                       address=gateway.address, gateways=tuple(listeners))
 
 
 def check_resources(merged: Sequence[Any], applied: Sequence[Any], trust_domain: str,
@@ -155,6 +184,18 @@ def check_resources(merged: Sequence[Any], applied: Sequence[Any], trust_domain:
             if int(u["port"]) not in ports_of:
                 warnings.append(f"Workload {namespace}/{name}: service {u['service']} has no "
                                 f"port {u['port']}")
+    for gw in _of_kind(merged, "Gateway"):
+        ref = f"{gw.meta.namespace}/{gw.meta.name}"
+        for server in gw.servers:
+            owner = listen.get((gw.address, server.port))
+            if owner is not None and owner != ref:
+                raise InvalidInput(f"Gateway {ref}: port {server.port} on {gw.address} is "
+                                   f"already used by {owner}")
+            listen[(gw.address, server.port)] = ref
+            for r in server.routes:
+                if _find_service(merged, r.service, gw.meta.namespace) is None:
+                    warnings.append(f"Gateway {ref}: route {r.path_prefix} names service "
+                                    f"{r.service}, which does not exist (yet)")
     for s in _of_kind(merged, "Service"):
         doc = _doc(s)
         if not _selected(doc, workloads):

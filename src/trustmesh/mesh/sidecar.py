@@ -32,6 +32,9 @@ class SidecarOptions:
     log_level: str = "warning"
     drain_seconds: int = 1
     concurrency: int = 2  # worker threads (Istio's sidecars default to 2)
+    gateway_cert: Path | None = None  # gateways only: TLS for clients outside the mesh
+    gateway_key: Path | None = None
+    gateway_client_ca: Path | None = None
     envoy: str | None = None
 
 
@@ -65,6 +68,19 @@ def _workload(ref: str) -> tuple[str, str]:
     return ns, name
 
 
+def _readable(path: Path | None, field: str) -> Path | None:
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", field=field) from None
+    if b"-----BEGIN" not in data:
+        raise ConfigError(f"{path} is not a PEM file", field=field)
+    return path
+
+
 def write_bootstrap(opts: SidecarOptions, directory: Path) -> Path:
     ns, name = _workload(opts.workload)
     host, port = _split(opts.server_address, "server_address")
@@ -73,7 +89,10 @@ def write_bootstrap(opts: SidecarOptions, directory: Path) -> Path:
         node_id=f"{ns}/{name}", cluster=f"{ns}/{name}", agent_socket=opts.agent_socket,
         server_host=host, server_port=port,
         server_spiffe_id=f"spiffe://{opts.trust_domain}/trustmesh/server",
-        svid_name=opts.svid_name, admin_address=admin_host, admin_port=admin_port)
+        svid_name=opts.svid_name, admin_address=admin_host, admin_port=admin_port,
+        gateway_cert=_readable(opts.gateway_cert, "tls_cert"),
+        gateway_key=_readable(opts.gateway_key, "tls_key"),
+        gateway_client_ca=_readable(opts.gateway_client_ca, "client_ca"))
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "envoy-bootstrap.json"
     path.write_text(bootstrap_json(params))

@@ -26,6 +26,9 @@ __all__ = [
     "MTLS_MODES",
     "AuthorizationPolicy",
     "Condition",
+    "Gateway",
+    "GatewayRoute",
+    "GatewayServer",
     "Meta",
     "Operation",
     "PeerAuthentication",
@@ -57,6 +60,7 @@ _KINDS = {
     "PeerAuthentication": ISTIO_VERSIONS,
     "Workload": (REGISTRY_VERSION,),
     "Service": (REGISTRY_VERSION,),
+    "Gateway": (REGISTRY_VERSION,),
 }
 _ALIASES = {
     "authorizationpolicy": "AuthorizationPolicy", "authorizationpolicies": "AuthorizationPolicy",
@@ -65,6 +69,7 @@ _ALIASES = {
     "pa": "PeerAuthentication",
     "workload": "Workload", "workloads": "Workload", "wl": "Workload",
     "service": "Service", "services": "Service", "svc": "Service",
+    "gateway": "Gateway", "gateways": "Gateway", "gw": "Gateway",
 }
 # Keys of `when` conditions trustmesh can enforce (those of Istio's list that need no
 # JWT authentication and no experimental extension).
@@ -315,7 +320,36 @@ class Service:
     kind = "Service"
 
 
-MeshResource = AuthorizationPolicy | PeerAuthentication | Workload | Service
+@dataclass(frozen=True)
+class GatewayRoute:
+    path_prefix: str
+    service: str  # "name" or "namespace/name"
+    port: int
+
+
+@dataclass(frozen=True)
+class GatewayServer:
+    port: int
+    hosts: tuple[str, ...]  # "*" or host names (the Host header, with or without port)
+    tls_mode: str  # SIMPLE (server certificate) | MUTUAL (client certificate required too)
+    routes: tuple[GatewayRoute, ...]
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """An ingress: TLS or mutual TLS for clients outside the mesh, mTLS into it."""
+
+    meta: Meta
+    service_account: str
+    spiffe_id: str | None
+    address: str
+    servers: tuple[GatewayServer, ...]
+    raw: Mapping[str, Any]
+
+    kind = "Gateway"
+
+
+MeshResource = AuthorizationPolicy | PeerAuthentication | Workload | Service | Gateway
 
 
 # -- decoding --------------------------------------------------------------------------
@@ -610,10 +644,49 @@ def _service(ctx: _Path, doc: dict[str, Any], meta: Meta) -> Service:
     return Service(meta, selector, tuple(ports), doc)
 
 
+def _gateway(ctx: _Path, doc: dict[str, Any], meta: Meta) -> Gateway:
+    spec = _mapping(ctx, doc.get("spec"), "spec", ("serviceAccount", "spiffeId", "address",
+                                                   "servers"))
+    identity = _workload(ctx, {"spec": {k: v for k, v in spec.items() if k != "servers"}},
+                         meta)
+    servers = []
+    raw_servers = spec.get("servers")
+    if not isinstance(raw_servers, list) or not raw_servers:
+        raise ctx.fail("spec.servers", "a Gateway needs at least one server")
+    for i, srv in enumerate(raw_servers):
+        sp = f"spec.servers[{i}]"
+        sd = _mapping(ctx, srv, sp, ("port", "hosts", "tls", "routes"))
+        port = _port(ctx, sd.get("port"), f"{sp}.port")
+        hosts = _str_list(ctx, sd.get("hosts"), f"{sp}.hosts") or ("*",)
+        tls = _mapping(ctx, sd.get("tls"), f"{sp}.tls", ("mode",))
+        mode = tls.get("mode", "SIMPLE")
+        if mode not in ("SIMPLE", "MUTUAL"):
+            raise ctx.fail(f"{sp}.tls.mode", f"unknown mode {mode!r}; expected SIMPLE or "
+                           "MUTUAL (plaintext ingress is not offered)")
+        routes = []
+        raw_routes = sd.get("routes")
+        if not isinstance(raw_routes, list) or not raw_routes:
+            raise ctx.fail(f"{sp}.routes", "a server needs at least one route")
+        for j, r in enumerate(raw_routes):
+            rp = f"{sp}.routes[{j}]"
+            rd = _mapping(ctx, r, rp, ("pathPrefix", "service", "port"))
+            prefix = rd.get("pathPrefix", "/")
+            if not isinstance(prefix, str) or not prefix.startswith("/"):
+                raise ctx.fail(f"{rp}.pathPrefix", "must start with '/'")
+            routes.append(GatewayRoute(prefix, _string(ctx, rd.get("service"),
+                                                       f"{rp}.service"),
+                                       _port(ctx, rd.get("port"), f"{rp}.port")))
+        servers.append(GatewayServer(port, hosts, str(mode), tuple(routes)))
+    if len({s.port for s in servers}) != len(servers):
+        raise ctx.fail("spec.servers", "two servers use the same port")
+    return Gateway(meta, identity.service_account, identity.spiffe_id, identity.address,
+                   tuple(servers), doc)
+
+
 _DECODERS: dict[str, Callable[[_Path, dict[str, Any], Meta], MeshResource]] = {
     "AuthorizationPolicy": _authorization_policy,
              "PeerAuthentication": _peer_authentication,
-             "Workload": _workload, "Service": _service}
+             "Workload": _workload, "Service": _service, "Gateway": _gateway}
 
 
 def _decode(doc: Any, prefix: str) -> MeshResource:
@@ -685,10 +758,10 @@ def canonical_kind(kind: str) -> str:
     found = _ALIASES.get(kind.lower())
     if found is None:
         raise InvalidInput(f"unknown kind {kind!r}; expected authorizationpolicies, "
-                           "peerauthentications, workloads or services", field="kind")
+                           "peerauthentications, workloads, services or gateways")
     return found
 
 
-def workload_spiffe_id(w: Workload, trust_domain: str) -> str:
+def workload_spiffe_id(w: Workload | Gateway, trust_domain: str) -> str:
     return w.spiffe_id or (f"spiffe://{trust_domain}/ns/{w.meta.namespace}/sa/"
                            f"{w.service_account}")

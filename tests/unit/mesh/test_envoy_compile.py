@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 from trustmesh.mesh.envoy.bootstrap import BootstrapParams, build_bootstrap
 from trustmesh.mesh.envoy.compile import (
+    GatewayListener,
     InboundPort,
     SidecarPlan,
     Upstream,
@@ -33,7 +34,10 @@ PLAN = SidecarPlan(
     upstreams=(Upstream("db.default:5432", 25432, "TCP", (("127.0.0.1", 16432),),
                         ("spiffe://example.org/ns/default/sa/db",)),
                Upstream("api.default:80", 28080, "HTTP", (("127.0.0.1", 16080),),
-                        ("spiffe://example.org/ns/default/sa/api",))))
+                        ("spiffe://example.org/ns/default/sa/api",))),
+    gateways=(GatewayListener(18443, ("echo.example.com",), "MUTUAL", (
+        ("/api", Upstream("api.default:80", 0, "HTTP", (("127.0.0.1", 16080),),
+                          ("spiffe://example.org/ns/default/sa/api",))),)),))
 
 
 def _hcm(listener: object) -> hcm_pb2.HttpConnectionManager:
@@ -90,10 +94,33 @@ def test_versions_follow_content() -> None:
 
 def test_envoy_accepts_the_compiled_configuration(tmp_path: Path) -> None:
     """Envoy's own validation of the bootstrap plus every compiled listener and cluster."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "echo.example.com")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "gw.pem").write_bytes(pem)
+    (tmp_path / "ca.pem").write_bytes(pem)
+    (tmp_path / "gw.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
     bootstrap = build_bootstrap(BootstrapParams(
         node_id="default/web", cluster="web", agent_socket=tmp_path / "agent.sock",
         server_host="127.0.0.1", server_port=8081,
-        server_spiffe_id="spiffe://example.org/trustmesh/server"))
+        server_spiffe_id="spiffe://example.org/trustmesh/server",
+        gateway_cert=tmp_path / "gw.pem", gateway_key=tmp_path / "gw.key",
+        gateway_client_ca=tmp_path / "ca.pem"))
     full = bootstrap_pb2.Bootstrap()
     full.CopyFrom(bootstrap)
     full.ClearField("dynamic_resources")
@@ -115,3 +142,17 @@ def test_unknown_modes_are_refused(mode: str) -> None:
                        inbound=(InboundPort(1, 2, "HTTP", mode),))
     with pytest.raises(ValueError, match="unknown mTLS mode 'BOGUS'"):
         compile_listeners(plan)
+
+
+def test_mutual_gateway_requires_client_certificates_from_its_client_ca() -> None:
+    [gw] = [x for x in compile_listeners(PLAN) if x.name == "gateway|18443"]
+    ctx = tls_pb2.DownstreamTlsContext()
+    gw.filter_chains[0].transport_socket.typed_config.Unpack(ctx)
+    assert ctx.require_client_certificate.value is True
+    common = ctx.common_tls_context
+    assert common.validation_context_sds_secret_config.name == "gateway-client-ca"
+    assert not common.validation_context_sds_secret_config.HasField("sds_config")  # static
+    assert [s.name for s in common.tls_certificate_sds_secret_configs] == [
+        "gateway-server-certificate"]
+    clusters = {c.name for c in compile_clusters(PLAN)}
+    assert "outbound|api.default:80" in clusters

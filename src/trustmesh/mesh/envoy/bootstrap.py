@@ -17,12 +17,17 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
 from envoy.config.core.v3 import protocol_pb2 as core_protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format
 
-from trustmesh.mesh.envoy.compile import SDS_CLUSTER, sds_secret
+from trustmesh.mesh.envoy.compile import (
+    GATEWAY_CERT_SECRET,
+    GATEWAY_CLIENT_CA_SECRET,
+    SDS_CLUSTER,
+    sds_secret,
+)
 
 __all__ = ["XDS_CLUSTER", "BootstrapParams", "build_bootstrap", "bootstrap_json"]
 
@@ -41,6 +46,11 @@ class BootstrapParams:
     svid_name: str = "default"  # the SDS secret with this sidecar's X509-SVID
     admin_address: str = "127.0.0.1"
     admin_port: int = 0  # 0: the kernel picks a port (read it from --admin-address-path)
+    # A gateway's own TLS certificate for outside clients, and the CA its clients' (MUTUAL)
+    # certificates must chain to: PEM files the Envoy process reads.
+    gateway_cert: Path | None = None
+    gateway_key: Path | None = None
+    gateway_client_ca: Path | None = None
 
 
 def _any(msg: Any) -> any_pb2.Any:
@@ -89,11 +99,23 @@ def build_bootstrap(p: BootstrapParams) -> bootstrap_pb2.Bootstrap:
                 endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
                     address=address_pb2.Address(socket_address=address_pb2.SocketAddress(
                         address=p.server_host, port_value=p.server_port))))])]))
+    secrets = []
+    if p.gateway_cert is not None and p.gateway_key is not None:
+        secrets.append(secret_pb2.Secret(name=GATEWAY_CERT_SECRET, tls_certificate=(
+            common_pb2.TlsCertificate(
+                certificate_chain=base_pb2.DataSource(filename=str(p.gateway_cert)),
+                private_key=base_pb2.DataSource(filename=str(p.gateway_key))))))
+    if p.gateway_client_ca is not None:
+        trusted = common_pb2.CertificateValidationContext(
+            trusted_ca=base_pb2.DataSource(filename=str(p.gateway_client_ca)))
+        secrets.append(secret_pb2.Secret(name=GATEWAY_CLIENT_CA_SECRET,
+                                         validation_context=trusted))
     ads_source = config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
                                                 resource_api_version=config_source_pb2.V3)
     return bootstrap_pb2.Bootstrap(
         node=base_pb2.Node(id=p.node_id, cluster=p.cluster),
-        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[sds, xds]),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[sds, xds],
+                                                                 secrets=secrets),
         dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
             ads_config=config_source_pb2.ApiConfigSource(
                 api_type=config_source_pb2.ApiConfigSource.GRPC,

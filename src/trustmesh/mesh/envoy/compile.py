@@ -34,6 +34,9 @@ from google.protobuf.message import Message
 
 __all__ = [
     "ALL_BUNDLES_SECRET",
+    "GATEWAY_CERT_SECRET",
+    "GATEWAY_CLIENT_CA_SECRET",
+    "GatewayListener",
     "CLUSTER_TYPE",
     "LISTENER_TYPE",
     "SDS_CLUSTER",
@@ -77,12 +80,28 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class GatewayListener:
+    """A port where clients outside the mesh connect with TLS (or mutual TLS)."""
+
+    port: int
+    hosts: tuple[str, ...]
+    tls_mode: str  # SIMPLE | MUTUAL
+    routes: tuple[tuple[str, Upstream], ...]  # (path prefix, upstream) in match order
+
+
+# Static secrets of a gateway's bootstrap (files given to `trustmesh gateway run`).
+GATEWAY_CERT_SECRET = "gateway-server-certificate"  # noqa: S105 - a secret's name
+GATEWAY_CLIENT_CA_SECRET = "gateway-client-ca"  # noqa: S105 - a secret's name
+
+
+@dataclass(frozen=True)
 class SidecarPlan:
     node_id: str  # "namespace/name" of the workload
     spiffe_id: str  # the identity this sidecar presents (its SDS secret name)
     address: str  # where the application and its sidecar listen
     inbound: tuple[InboundPort, ...] = ()
     upstreams: tuple[Upstream, ...] = ()
+    gateways: tuple[GatewayListener, ...] = ()
     sds_cluster: str = SDS_CLUSTER
     extra: dict[str, str] = field(default_factory=dict)  # not compiled; for explanations
 
@@ -232,10 +251,51 @@ def _outbound_listener(plan: SidecarPlan, up: Upstream) -> listener_pb2.Listener
         filter_chains=[listener_components_pb2.FilterChain(name=prefix, filters=filters)])
 
 
+def _gateway_listener(plan: SidecarPlan, gw: GatewayListener) -> listener_pb2.Listener:
+    common = tls_pb2.CommonTlsContext(
+        tls_params=common_pb2.TlsParameters(
+            tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_2),
+        # no sds_config: the secrets are the static ones of the gateway's bootstrap
+        tls_certificate_sds_secret_configs=[secret_pb2.SdsSecretConfig(
+            name=GATEWAY_CERT_SECRET)],
+        alpn_protocols=["h2", "http/1.1"])
+    ctx = tls_pb2.DownstreamTlsContext(common_tls_context=common)
+    if gw.tls_mode == "MUTUAL":
+        ctx.require_client_certificate.value = True
+        ctx.common_tls_context.validation_context_sds_secret_config.CopyFrom(
+            secret_pb2.SdsSecretConfig(name=GATEWAY_CLIENT_CA_SECRET))
+    prefix = f"gateway_{gw.port}"
+    routes = [route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix=path),
+        route=route_components_pb2.RouteAction(cluster=outbound_cluster_name(up),
+                                               timeout=duration_pb2.Duration(seconds=0)))
+        for path, up in gw.routes]
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=prefix, codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        strip_any_host_port=True,
+        forward_client_cert_details=hcm_pb2.HttpConnectionManager.SANITIZE,
+        route_config=route_pb2.RouteConfiguration(name=prefix, virtual_hosts=[
+            route_components_pb2.VirtualHost(name=prefix, domains=list(gw.hosts),
+                                             routes=routes)]),
+        http_filters=[_router()])
+    manager.normalize_path.value = True
+    manager.merge_slashes = True
+    chain = listener_components_pb2.FilterChain(name=prefix, filters=[
+        listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager",
+                                       typed_config=_any(manager))])
+    chain.transport_socket.CopyFrom(base_pb2.TransportSocket(
+        name="envoy.transport_sockets.tls", typed_config=_any(ctx)))
+    return listener_pb2.Listener(name=f"gateway|{gw.port}",
+                                 address=_address(plan.address, gw.port),
+                                 filter_chains=[chain])
+
+
 def compile_listeners(plan: SidecarPlan) -> list[listener_pb2.Listener]:
-    """Inbound listeners (one per application port) and outbound ones (one per upstream)."""
+    """Inbound listeners (one per application port), outbound ones (one per upstream) and
+    a gateway's TLS listeners."""
     out = [_inbound_listener(plan, p) for p in plan.inbound]
     out += [_outbound_listener(plan, u) for u in plan.upstreams]
+    out += [_gateway_listener(plan, g) for g in plan.gateways]
     return out
 
 
@@ -265,7 +325,11 @@ def compile_clusters(plan: SidecarPlan) -> list[cluster_pb2.Cluster]:
         if port.protocol in ("HTTP2", "GRPC"):
             _http2(c)
         out.append(c)
-    for up in plan.upstreams:
+    upstreams = {u.name: u for u in plan.upstreams}
+    for gw in plan.gateways:
+        for _, up in gw.routes:
+            upstreams.setdefault(up.name, up)
+    for up in upstreams.values():
         c = _static_cluster(outbound_cluster_name(up), up.endpoints)
         alpn = ["h2"] if up.protocol in ("HTTP2", "GRPC") else (
             ["http/1.1"] if up.protocol == "HTTP" else [])
