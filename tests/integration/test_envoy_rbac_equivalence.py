@@ -252,7 +252,7 @@ def world() -> Iterator[dict[str, Any]]:
             except OSError:
                 pass
             time.sleep(0.1)
-        yield {"base": base, "sets": sets, "app_port": app_port}
+        yield {"base": base, "sets": sets, "app_port": app_port, "ca": (ca_cert, ca_key)}
     finally:
         envoy.terminate()
         envoy.wait(timeout=10)
@@ -304,3 +304,31 @@ def test_explain_and_envoy_agree_on_generated_cases(world: dict[str, Any]) -> No
     # the generator covers both outcomes in earnest
     assert checked == SETS * len(CLIENTS) * REQUESTS_PER_CLIENT
     assert 0.15 * checked < allowed < 0.85 * checked, (allowed, checked)
+
+
+def test_expired_and_foreign_client_certificates_are_refused(world: dict[str, Any]) -> None:
+    """The compiled inbound TLS context (SPIFFE validator) refuses an expired SVID and one
+    from a CA outside the bundle, and accepts a current one."""
+    base: Path = world["base"]
+    ca_cert, ca_key = world["ca"]
+    port = world["sets"][0]["port"]
+    uri = CLIENTS["one"]
+    now = datetime.now(UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    expired = (x509.CertificateBuilder().subject_name(_name(uri)).issuer_name(ca_cert.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - timedelta(hours=2))
+               .not_valid_after(now - timedelta(minutes=5))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+               .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
+                              False)
+               .sign(ca_key, hashes.SHA256()))
+    _write(base / "expired", expired, key)
+    foreign_ca, foreign_key = _issue(ec.generate_private_key(ec.SECP256R1()), None, None)
+    _write(base / "foreign", *_issue(foreign_key, foreign_ca, uri))
+    request = {"method": "GET", "path": "/", "host": "echo.local", "headers": {}}
+    for who in ("expired", "foreign"):
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException, OSError)):
+            _send(base, who, port, request)
+    status, _ = _send(base, "one", port, request)
+    assert status in (200, 403)  # a current SVID completes the handshake

@@ -349,3 +349,40 @@ spec:
             "apiVersion: mesh.trustmesh.io/v1alpha1\nkind: Gateway\n"
             "metadata: {name: ingress, namespace: default}\n"
             f"spec: {{servers: [{{port: {simple}, routes: [{{service: echo, port: 80}}]}}]}}\n"))
+
+
+def test_a_nacked_configuration_is_logged_and_the_old_one_keeps_serving(clean: MeshLab) -> None:
+    """Envoy cannot bind a port another process holds: it rejects that listener update
+    (NACK); the server logs it and the sidecar keeps serving its previous listeners."""
+    import socket
+
+    from trustmesh.mesh.demo import _free_port
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    p = clean.ports
+    extra = _free_port()
+    changed = clean.registry_yaml().replace(
+        f"ports: [{{name: http, port: {p['echo_app']}, protocol: HTTP, "
+        f"sidecarPort: {p['echo_sidecar']}}}]",
+        f"ports: [{{name: http, port: {p['echo_app']}, protocol: HTTP, "
+        f"sidecarPort: {p['echo_sidecar']}}}, {{name: extra, port: {extra}, protocol: HTTP, "
+        f"sidecarPort: {taken}}}]")
+    assert changed != clean.registry_yaml()
+    try:
+        clean.apply(changed)
+        deadline = time.monotonic() + 10
+        nacks: list[str] = []
+        while time.monotonic() < deadline and not nacks:
+            nacks = [line for line in clean.log_tail("server", 400_000).splitlines()
+                     if "sidecar rejected configuration" in line and "default/echo" in line]
+            time.sleep(0.1)
+        assert nacks, clean.log_tail("server")
+        assert str(taken) in nacks[-1]  # Envoy's reason names the port it could not bind
+        for _ in range(20):  # the previous listeners keep serving
+            assert clean.call("GET", "/").status == 200
+    finally:
+        blocker.close()
+        clean.apply(clean.registry_yaml())

@@ -45,7 +45,7 @@ UIDS = {"echo": 61011, "client": 61012, "stranger": 61013}
 
 class Envoy:
     def __init__(self, base: Path, name: str, plan: SidecarPlan, agent_socket: Path,
-                 uid: int) -> None:
+                 uid: int, delta: bool = False) -> None:
         self.admin_port = free_port()
         boot = bootstrap_pb2.Bootstrap()
         boot.CopyFrom(build_bootstrap(BootstrapParams(
@@ -57,7 +57,11 @@ class Envoy:
         boot.static_resources.listeners.extend(compile_listeners(plan))
         boot.static_resources.clusters.extend(compile_clusters(plan))
         self.config = base / f"{name}.json"
-        self.config.write_text(json_format.MessageToJson(boot))
+        text = json_format.MessageToJson(boot)
+        if delta:  # incremental SDS (DeltaSecrets) instead of state of the world
+            assert '"apiType": "GRPC"' in text
+            text = text.replace('"apiType": "GRPC"', '"apiType": "DELTA_GRPC"')
+        self.config.write_text(text)
         self.config.chmod(0o644)
         self.log = base / f"{name}.log"
         out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
@@ -131,7 +135,7 @@ def entry(srv: ServerProcess, spiffe_id: str, uid: int, ttl: str = "1h") -> None
             "--selector", f"unix:uid:{uid}", "--x509-svid-ttl", ttl, check=True)
 
 
-def start_pair(m: dict[str, object]) -> tuple[Envoy, Envoy, int]:
+def start_pair(m: dict[str, object], delta: bool = False) -> tuple[Envoy, Envoy, int]:
     agent: AgentProcess = m["agent"]  # type: ignore[assignment]
     echo: Echo = m["echo"]  # type: ignore[assignment]
     base: Path = m["base"]  # type: ignore[assignment]
@@ -143,9 +147,9 @@ def start_pair(m: dict[str, object]) -> tuple[Envoy, Envoy, int]:
                               address="127.0.0.1", upstreams=(Upstream(
                                   "echo.default:80", outbound, "HTTP", (("127.0.0.1", inbound),),
                                   (ECHO_ID,)),))
-    server = Envoy(base, "echo", server_plan, agent.socket, UIDS["echo"])
+    server = Envoy(base, "echo", server_plan, agent.socket, UIDS["echo"], delta=delta)
     envoys.append(server)
-    client = Envoy(base, "client", client_plan, agent.socket, UIDS["client"])
+    client = Envoy(base, "client", client_plan, agent.socket, UIDS["client"], delta=delta)
     envoys.append(client)
     return server, client, outbound
 
@@ -256,3 +260,22 @@ def test_rotation_under_load_drops_no_request(mesh: dict[str, object]) -> None:
     assert not failures, failures[:10]
     assert count[0] > 100 and count[1] > 100, count
     assert len(serials) >= 3, f"the SVID rotated {len(serials) - 1} times in 30 s"
+
+
+def test_delta_sds_serves_and_rotates(mesh: dict[str, object]) -> None:
+    """Envoys configured for incremental SDS (DeltaSecrets) get their secrets and rotations."""
+    srv: ServerProcess = mesh["srv"]  # type: ignore[assignment]
+    entry(srv, ECHO_ID, UIDS["echo"], ttl="4s")
+    entry(srv, CLIENT_ID, UIDS["client"], ttl="4s")
+    server, _client, outbound = start_pair(mesh, delta=True)
+    assert '"DELTA_GRPC"' in server.config.read_text()
+    wait_for(lambda: get(outbound)[0] == 200)
+
+    def serial() -> str:
+        certs = json.loads(server.admin("/certs"))["certificates"]
+        return str(certs[0]["cert_chain"][0]["serial_number"])
+
+    first = serial()
+    wait_for(lambda: serial() != first, timeout=20)
+    assert get(outbound)[0] == 200
+
