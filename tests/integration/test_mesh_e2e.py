@@ -386,3 +386,46 @@ def test_a_nacked_configuration_is_logged_and_the_old_one_keeps_serving(clean: M
     finally:
         blocker.close()
         clean.apply(clean.registry_yaml())
+
+
+def test_peer_authentication_permissive_then_strict(clean: MeshLab) -> None:
+    """PERMISSIVE lets a plaintext caller in (without an identity, so no XFCC); STRICT, the
+    default, refuses it again. The mTLS client keeps working throughout."""
+    permissive = """\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: echo-permissive, namespace: default}
+spec: {selector: {matchLabels: {app: echo}}, mtls: {mode: PERMISSIVE}}
+"""
+
+    def plaintext() -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", clean.ports["echo_sidecar"], timeout=3)
+        try:
+            conn.request("GET", "/plain")
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status == 200:
+                assert "x-forwarded-client-cert" not in json.loads(body)["headers"]
+            return resp.status
+        except (OSError, http.client.HTTPException):
+            return 0
+        finally:
+            conn.close()
+
+    assert plaintext() == 0  # STRICT by default
+    try:
+        clean.apply(permissive)
+        deadline = time.monotonic() + 5
+        while plaintext() != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert plaintext() == 200
+        assert clean.call("GET", "/").status == 200  # mTLS still accepted
+        verdict = clean.explain("GET", "/")  # no --from: a caller without identity
+        assert verdict["mtls_mode"] == "PERMISSIVE" and verdict["allowed"] is True
+    finally:
+        clean.cli("delete", "-f", "-", input=permissive)
+    deadline = time.monotonic() + 5
+    while plaintext() != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert plaintext() == 0
+    assert clean.explain("GET", "/")["allowed"] is False
