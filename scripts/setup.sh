@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what trustmesh needs on a fresh Debian machine: a virtualenv with the
 # pinned Python dependencies, and (with --test) the system tools the tests
-# drive for real: openssl, SoftHSM2, PostgreSQL, nftables, iproute2.
+# drive for real: openssl, SoftHSM2, PostgreSQL, nftables, conntrack, iproute2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +15,7 @@ if [ "$with_test" = 1 ]; then
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
   command -v nft >/dev/null || missing+=(nftables)
   command -v ip >/dev/null || missing+=(iproute2)
+  command -v conntrack >/dev/null || [ -x /usr/sbin/conntrack ] || missing+=(conntrack)
   command -v setpriv >/dev/null || missing+=(util-linux)
   command -v ab >/dev/null || missing+=(apache2-utils)
   if [ "${#missing[@]}" -gt 0 ]; then

@@ -225,7 +225,7 @@ def require_tools() -> None:
             "the NetworkPolicy lab needs root (it creates network namespaces and "
             "loads nftables rules)"
         )
-    for tool, package in (("ip", "iproute2"), ("nft", "nftables")):
+    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("conntrack", "conntrack")):
         if _find_tool(tool) is None:
             raise ConfigError(f"{tool} not found: install {package} (apt-get install {package})")
 
@@ -296,6 +296,9 @@ def apply_policies(lab: Lab, cluster: Cluster) -> None:
     """Load (or atomically replace) every pod's ruleset in its namespace."""
     for lp in lab.pods:
         _run(_in_netns(lp.netns, _tool("nft"), "-f", "-"), stdin=compile_pod(cluster, lp.pod).text)
+        # Flows the old rules admitted must not outlive them: "established" replies are
+        # only allowed for connections the current policy allows.
+        _run(_in_netns(lp.netns, _tool("conntrack"), "-F"))
 
 
 def lab_up(lab: Lab, cluster: Cluster) -> None:
