@@ -26,7 +26,7 @@ import contextlib
 import hashlib
 import itertools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -60,6 +60,7 @@ DEFAULT_SVID = "default"
 ROOT_BUNDLE = "ROOTCA"
 ALL_BUNDLES = "ALL"
 _RECHECK = 5.0
+_END = object()  # the client closed its side of the stream
 _SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
 
 
@@ -184,22 +185,19 @@ class SecretDiscovery:
         except TrustmeshError as exc:
             raise GRPCError(Status.PERMISSION_DENIED, str(exc)) from None
 
-    # -- state of the world --------------------------------------------------------------
-    async def StreamSecrets(self, stream: Stream[discovery_pb2.DiscoveryRequest,  # noqa: N802
-                                                 discovery_pb2.DiscoveryResponse]) -> None:
-        selectors = self._selectors(stream)
-        queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+    # -- stream plumbing -------------------------------------------------------------------
+    async def _events(self, stream: Stream[Any, Any]) -> AsyncIterator[Any | None]:
+        """The stream's requests as they come, and ``None`` whenever what the agent serves
+        may have changed (or every few seconds), until the client goes away."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
 
         async def read() -> None:
             with contextlib.suppress(Exception):
                 async for req in stream:
                     await queue.put(req)
-            await queue.put(None)
+            await queue.put(_END)
 
         reader = asyncio.ensure_future(read())
-        names: tuple[str, ...] = ()
-        sent_version = ""
-        nonce = ""
         generation = self.agent.changes.generation
         self.open_streams += 1
         try:
@@ -211,38 +209,49 @@ class SecretDiscovery:
                 if getter in done:
                     changed.cancel()
                     req = getter.result()
-                    if req is None:
+                    if req is _END:
                         return
-                    if req.response_nonce and req.response_nonce != nonce:
-                        continue  # answers an older response
-                    if req.HasField("error_detail"):
-                        log.warning("Envoy rejected secrets", extra={
-                            "names": list(names), "version": sent_version,
-                            "error": req.error_detail.message[:2000]})
-                        continue
-                    if req.response_nonce and tuple(req.resource_names) == names:
-                        continue  # ACK
-                    names = tuple(req.resource_names)
-                    requested = True
+                    yield req
                 else:
                     getter.cancel()
                     generation = changed.result()
-                    selectors = self._selectors(stream)  # the process may have changed
-                    requested = False
-                if not names:
-                    continue
-                secrets = self._secrets(selectors, names)
-                version = secrets_version(secrets)
-                if version == sent_version and not requested:
-                    continue  # a change elsewhere; nothing new for this stream
-                sent_version = version
-                nonce = str(next(self._nonces))
-                await stream.send_message(discovery_pb2.DiscoveryResponse(
-                    version_info=version, type_url=SECRET_TYPE, nonce=nonce,
-                    resources=[_pack(s) for s in secrets]))
+                    yield None
         finally:
             self.open_streams -= 1
             reader.cancel()
+
+    # -- state of the world --------------------------------------------------------------
+    async def StreamSecrets(self, stream: Stream[discovery_pb2.DiscoveryRequest,  # noqa: N802
+                                                 discovery_pb2.DiscoveryResponse]) -> None:
+        selectors = self._selectors(stream)
+        names: tuple[str, ...] = ()
+        sent_version = ""
+        nonce = ""
+        async for req in self._events(stream):
+            if req is not None:
+                if req.response_nonce and req.response_nonce != nonce:
+                    continue  # answers an older response
+                if req.HasField("error_detail"):
+                    log.warning("Envoy rejected secrets", extra={
+                        "names": list(names), "version": sent_version,
+                        "error": req.error_detail.message[:2000]})
+                    continue
+                if req.response_nonce and tuple(req.resource_names) == names:
+                    continue  # ACK
+                names = tuple(req.resource_names)
+            else:
+                selectors = self._selectors(stream)  # the process may have changed
+            if not names:
+                continue
+            secrets = self._secrets(selectors, names)
+            version = secrets_version(secrets)
+            if version == sent_version and req is None:
+                continue  # a change elsewhere; nothing new for this stream
+            sent_version = version
+            nonce = str(next(self._nonces))
+            await stream.send_message(discovery_pb2.DiscoveryResponse(
+                version_info=version, type_url=SECRET_TYPE, nonce=nonce,
+                resources=[_pack(s) for s in secrets]))
 
     async def FetchSecrets(self, stream: Stream[discovery_pb2.DiscoveryRequest,  # noqa: N802
                                                 discovery_pb2.DiscoveryResponse]) -> None:
@@ -257,62 +266,35 @@ class SecretDiscovery:
     async def DeltaSecrets(self, stream: Stream[discovery_pb2.DeltaDiscoveryRequest,  # noqa: N802
                                                 discovery_pb2.DeltaDiscoveryResponse]) -> None:
         selectors = self._selectors(stream)
-        queue: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
-
-        async def read() -> None:
-            with contextlib.suppress(Exception):
-                async for req in stream:
-                    await queue.put(req)
-            await queue.put(None)
-
-        reader = asyncio.ensure_future(read())
         subscribed: set[str] = set()
         known: dict[str, str] = {}  # name -> version the client has
-        generation = self.agent.changes.generation
-        self.open_streams += 1
-        try:
-            while True:
-                getter = asyncio.ensure_future(queue.get())
-                changed = asyncio.ensure_future(self.agent.changes.wait(generation, _RECHECK))
-                done, _ = await asyncio.wait({getter, changed},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                removed: list[str] = []
-                if getter in done:
-                    changed.cancel()
-                    req = getter.result()
-                    if req is None:
-                        return
-                    if req.HasField("error_detail"):
-                        log.warning("Envoy rejected secrets (delta)", extra={
-                            "error": req.error_detail.message[:2000]})
-                        continue
-                    for name, version in req.initial_resource_versions.items():
-                        known[name] = version
-                    subscribed |= set(req.resource_names_subscribe)
-                    for name in req.resource_names_unsubscribe:
-                        subscribed.discard(name)
-                        known.pop(name, None)
-                else:
-                    getter.cancel()
-                    generation = changed.result()
-                    selectors = self._selectors(stream)
-                secrets = self._secrets(selectors, sorted(subscribed))
-                fresh = []
-                for s in secrets:
-                    v = _secret_version(s)
-                    if known.get(s.name) != v:
-                        known[s.name] = v
-                        fresh.append(discovery_pb2.Resource(name=s.name, version=v,
-                                                            resource=_pack(s)))
-                if not fresh and not removed:
+        async for req in self._events(stream):
+            if req is not None:
+                if req.HasField("error_detail"):
+                    log.warning("Envoy rejected secrets (delta)", extra={
+                        "error": req.error_detail.message[:2000]})
                     continue
-                await stream.send_message(discovery_pb2.DeltaDiscoveryResponse(
-                    type_url=SECRET_TYPE, nonce=str(next(self._nonces)), resources=fresh,
-                    removed_resources=removed,
-                    system_version_info=secrets_version(secrets)))
-        finally:
-            self.open_streams -= 1
-            reader.cancel()
+                for name, version in req.initial_resource_versions.items():
+                    known[name] = version
+                subscribed |= set(req.resource_names_subscribe)
+                for name in req.resource_names_unsubscribe:
+                    subscribed.discard(name)
+                    known.pop(name, None)
+            else:
+                selectors = self._selectors(stream)
+            secrets = self._secrets(selectors, sorted(subscribed))
+            fresh = []
+            for s in secrets:
+                v = _secret_version(s)
+                if known.get(s.name) != v:
+                    known[s.name] = v
+                    fresh.append(discovery_pb2.Resource(name=s.name, version=v,
+                                                        resource=_pack(s)))
+            if not fresh:
+                continue
+            await stream.send_message(discovery_pb2.DeltaDiscoveryResponse(
+                type_url=SECRET_TYPE, nonce=str(next(self._nonces)), resources=fresh,
+                system_version_info=secrets_version(secrets)))
 
     def __mapping__(self) -> dict[str, Handler]:
         return {

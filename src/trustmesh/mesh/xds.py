@@ -24,9 +24,10 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from trustmesh.errors import NotFound, PermissionDenied, TrustmeshError
+from trustmesh.errors import InvalidInput, NotFound, PermissionDenied, TrustmeshError
 from trustmesh.log import get_logger
 from trustmesh.mesh.envoy.compile import CLUSTER_TYPE, LISTENER_TYPE
+from trustmesh.spiffe.svid import spiffe_id_from_certificate
 
 __all__ = ["AdsServer", "ConfigSource", "NodeConfig", "XdsStats"]
 
@@ -77,15 +78,10 @@ def _peer_spiffe_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     pems = context.auth_context().get("x509_pem_cert") or []
     if not pems:
         raise PermissionDenied("ADS needs the sidecar's X509-SVID as client certificate")
-    cert = x509.load_pem_x509_certificate(pems[0])
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    if len(uris) != 1 or not uris[0].startswith("spiffe://"):
-        raise PermissionDenied("the client certificate is not an X509-SVID")
-    return str(uris[0])
+        return str(spiffe_id_from_certificate(x509.load_pem_x509_certificate(pems[0])))
+    except InvalidInput as exc:
+        raise PermissionDenied(f"the client certificate is not an X509-SVID: {exc}") from None
 
 
 def _pack(msg: Message) -> any_pb2.Any:

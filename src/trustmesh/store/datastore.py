@@ -416,15 +416,17 @@ class Datastore:
         return CrlRecord(row.ca_id, row.number, row.this_update, row.next_update, bytes(row.der))
 
     # -- registry: entries -----------------------------------------------------
-    def _next_revision(self, conn: Connection) -> int:
-        q = select(m.counters.c.value).where(m.counters.c.name == "registry")
+    def _next_revision(self, conn: Connection, counter: str = "registry") -> int:
+        """Bump a named counter inside the caller's transaction (rows locked on PostgreSQL,
+        the database write-locked on SQLite), so revisions are unique across replicas."""
+        q = select(m.counters.c.value).where(m.counters.c.name == counter)
         if self.dialect == "postgresql":
             q = q.with_for_update()
         current = conn.execute(q).scalar()
         if current is None:
-            conn.execute(insert(m.counters).values(name="registry", value=1))
+            conn.execute(insert(m.counters).values(name=counter, value=1))
             return 1
-        conn.execute(update(m.counters).where(m.counters.c.name == "registry")
+        conn.execute(update(m.counters).where(m.counters.c.name == counter)
                      .values(value=int(current) + 1))
         return int(current) + 1
 
@@ -549,18 +551,6 @@ class Datastore:
         return changes, int(rows[-1].revision)
 
     # -- mesh configuration ------------------------------------------------------
-    def _next_mesh_revision(self, conn: Connection) -> int:
-        q = select(m.counters.c.value).where(m.counters.c.name == "mesh")
-        if self.dialect == "postgresql":
-            q = q.with_for_update()
-        current = conn.execute(q).scalar()
-        if current is None:
-            conn.execute(insert(m.counters).values(name="mesh", value=1))
-            return 1
-        conn.execute(update(m.counters).where(m.counters.c.name == "mesh")
-                     .values(value=int(current) + 1))
-        return int(current) + 1
-
     def mesh_revision(self) -> int:
         with self.engine.connect() as conn:
             value = conn.execute(
@@ -585,7 +575,7 @@ class Datastore:
                     outcomes.append("unchanged")
                     continue
                 if revision is None:
-                    revision = self._next_mesh_revision(conn)
+                    revision = self._next_revision(conn, "mesh")
                 if row is None:
                     conn.execute(insert(m.mesh_resources).values(
                         kind=kind, namespace=namespace, name=name, body=text,
@@ -615,7 +605,7 @@ class Datastore:
                                    field=f"resources[{i}]")
                 deleted.append(bool(gone))
             if any(deleted):
-                revision = self._next_mesh_revision(conn)
+                revision = self._next_revision(conn, "mesh")
             else:
                 revision = int(conn.execute(select(m.counters.c.value).where(
                     m.counters.c.name == "mesh")).scalar() or 0)
