@@ -170,7 +170,10 @@ def main() -> None:
         osrv = subprocess.Popen(
             ["openssl", "ocsp", "-index", str(tmp / "index.txt"), "-port", str(oport),
              "-rsigner", str(tmp / "rsigner.pem"), "-rkey", str(tmp / "rkey.pem"),
-             "-CA", str(tmp / "ca.pem"), "-nmin", "60", "-ignore_err"],
+             "-CA", str(tmp / "ca.pem"), "-nmin", "60", "-ignore_err",
+             # a client that connects and never sends must not stall the single-threaded
+             # responder for the rest of the run (it waits for one request at a time)
+             "-timeout", "5"],
             stdout=subprocess.DEVNULL, stderr=open(tmp / "openssl.log", "wb"))  # noqa: SIM115
         procs.append(osrv)
         wait_http(f"http://127.0.0.1:{oport}/", osrv)
