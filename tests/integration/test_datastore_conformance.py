@@ -64,6 +64,23 @@ def test_settings_round_trip_and_overwrite(store: Datastore) -> None:
     assert (store.get_setting("a"), store.get_setting("b")) == ("3", "2")
 
 
+def test_replace_setting_is_compare_and_set(store: Datastore) -> None:
+    assert store.replace_setting("slots", None, "v1") is True
+    assert store.replace_setting("slots", None, "other") is False  # already there
+    assert store.replace_setting("slots", "stale", "v2") is False
+    assert store.get_setting("slots") == "v1"
+    assert store.replace_setting("slots", "v1", "v2") is True
+    assert store.get_setting("slots") == "v2"
+
+
+def test_latest_not_after_per_ca(store: Datastore) -> None:
+    assert store.latest_not_after("ca1") is None
+    late = CertificateRecord(**{**record("f2").__dict__, "not_after": 50})
+    store.insert_certificates([record("f1"), late, record("f3", ca_id="ca2")], [{}, {}, {}])
+    assert store.latest_not_after("ca1") == 50
+    assert store.latest_not_after("ca2") == 2
+
+
 def test_batch_insert_is_all_or_nothing(store: Datastore) -> None:
     store.insert_certificates([record("a1")], [{"n": 1}])
     with pytest.raises(Conflict):

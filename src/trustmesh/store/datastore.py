@@ -191,6 +191,22 @@ class Datastore:
                 if not updated:
                     conn.execute(insert(m.settings).values(key=key, value=value))
 
+    def replace_setting(self, key: str, expected: str | None, value: str) -> bool:
+        """Compare and set: write ``value`` only if the setting still holds ``expected``
+        (None: absent). False when another writer changed it first."""
+        try:
+            with self._write() as conn:
+                if expected is None:
+                    conn.execute(insert(m.settings).values(key=key, value=value))
+                    return True
+                return bool(conn.execute(
+                    update(m.settings)
+                    .where(m.settings.c.key == key, m.settings.c.value == expected)
+                    .values(value=value)
+                ).rowcount)
+        except IntegrityError:
+            return False  # inserted by another writer in the meantime
+
     # -- certificates --------------------------------------------------------
     def insert_certificates(
         self, records: Sequence[CertificateRecord], actor_details: Sequence[dict[str, Any]]
@@ -322,6 +338,13 @@ class Datastore:
                 )
                 fixed.append(e["serial"])
         return fixed
+
+    def latest_not_after(self, ca_id: str) -> int | None:
+        """The latest notAfter (unix seconds) among the certificates a CA issued."""
+        with self.engine.connect() as conn:
+            value = conn.execute(select(func.max(m.certificates.c.not_after))
+                                 .where(m.certificates.c.ca_id == ca_id)).scalar()
+        return None if value is None else int(value)
 
     def revoked_certificates(self, ca_id: str) -> list[CertificateRecord]:
         with self.engine.connect() as conn:
