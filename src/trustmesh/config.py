@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from trustmesh.errors import ConfigError
 
@@ -95,6 +102,17 @@ class KeyManagerConfig(BaseModel):
     pkcs11_pin_env: str | None = None
 
 
+_MIN_CA_TTL = timedelta(minutes=1)
+
+
+def _show(d: timedelta) -> str:
+    secs = d.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size and secs % size == 0:
+            return f"{int(secs // size)}{unit}"
+    return f"{secs:g}s"
+
+
 class ServerConfig(BaseModel):
     """Settings of ``trustmesh server run``."""
 
@@ -118,8 +136,13 @@ class ServerConfig(BaseModel):
     ca_key_algorithm: str = "ec-p256"
     ca_mode: CaMode = CaMode.GENERAL
     ca_subject: str = "O=trustmesh"
+    # Each CA rotation makes a new root (or, with an upstream CA, a new intermediate
+    # under it); the signing intermediate's lifetime sets the rotation pace.
     root_ttl: timedelta = timedelta(days=3650)
     intermediate_ttl: timedelta = timedelta(days=365)
+    # How long a new CA is in the published bundle before it may sign (at least the
+    # bundle refresh hint, so every agent and validator has fetched it).
+    ca_propagation: timedelta = timedelta(minutes=5)
     ocsp_responder_ttl: timedelta = timedelta(days=7)
     crl_validity: timedelta = timedelta(hours=24)
     backdate: timedelta = timedelta(seconds=60)
@@ -138,6 +161,7 @@ class ServerConfig(BaseModel):
     @field_validator(
         "root_ttl",
         "intermediate_ttl",
+        "ca_propagation",
         "ocsp_responder_ttl",
         "crl_validity",
         "backdate",
@@ -149,6 +173,35 @@ class ServerConfig(BaseModel):
     @classmethod
     def _duration(cls, v: Any) -> timedelta:
         return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _rotation_fits(self) -> ServerConfig:
+        # The successor CA is published at 1/2 of the active CA's life and signs at 5/6;
+        # the active CA then has 1/6 of its life left for the leaves it still signs.
+        ttl = self.intermediate_ttl
+        if ttl < _MIN_CA_TTL:
+            raise ValueError(f"intermediate_ttl {_show(ttl)} is too short to rotate; use at "
+                             f"least {_show(_MIN_CA_TTL)}")
+        if ttl < 3 * self.ca_propagation:
+            raise ValueError(
+                f"intermediate_ttl {_show(ttl)} is too short to rotate with ca_propagation "
+                f"{_show(self.ca_propagation)}: the next CA is published at 1/2 of the "
+                "current one's life and must be in the bundle for ca_propagation before it "
+                f"signs at 5/6, so intermediate_ttl must be at least "
+                f"{_show(3 * self.ca_propagation)}")
+        leaf = max(self.default_validity, self.agent_svid_ttl)
+        if ttl < 6 * leaf:
+            raise ValueError(
+                f"intermediate_ttl {_show(ttl)} is too short to rotate: the CA signs during "
+                f"the last 1/6 of its life before handing over, which must fit the longest "
+                f"default leaf lifetime ({_show(leaf)}, from default_validity and "
+                f"agent_svid_ttl), so intermediate_ttl must be at least {_show(6 * leaf)}")
+        if self.upstream_ca_cert is None and self.root_ttl < ttl:
+            raise ValueError(
+                f"root_ttl {_show(self.root_ttl)} is shorter than intermediate_ttl "
+                f"{_show(ttl)}: each rotation makes a new root, which must outlive its "
+                "intermediate")
+        return self
 
     @field_validator("ca_key_algorithm")
     @classmethod
@@ -212,7 +265,8 @@ class ServerConfig(BaseModel):
             problems = []
             for err in exc.errors():
                 loc = ".".join(str(p) for p in err["loc"]) or "config"
-                msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+                msg = ("unknown setting" if err["type"] == "extra_forbidden"
+                       else err["msg"].removeprefix("Value error, "))
                 problems.append(f"{loc}: {msg}")
             first_loc = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
             if len(problems) == 1:

@@ -181,6 +181,9 @@ class Agent:
                      for k in doc.get("keys", []) if k.get("use") == "x509-svid" and k.get("x5c")]
             if roots:
                 self.roots = tuple(roots)
+                # the server's own SVID follows the CA when it rotates
+                self.client.update_trust(b"".join(
+                    r.public_bytes(serialization.Encoding.PEM) for r in roots))
             self.changed.set()
             log.info("bundle updated", extra={"sequence": doc.get("spiffe_sequence")})
 

@@ -72,6 +72,12 @@ class ServerClient:
         self._channel: grpc.aio.Channel | None = None
         self._channel_for: str | None = None
 
+    def update_trust(self, bundle_pem: bytes) -> None:
+        """Trust these roots for the server from the next call on (the CA rotated)."""
+        if bundle_pem != self.bundle_pem:
+            self.bundle_pem = bundle_pem
+            self._channel_for = None  # the next call opens a channel with the new roots
+
     def _options(self) -> list[tuple[str, object]]:
         return [("grpc.ssl_target_name_override", SERVER_NAME),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024)]

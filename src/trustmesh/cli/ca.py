@@ -120,7 +120,8 @@ def revoke(serial: str, reason: str, socket_path: Path | None, output: str) -> N
 @socket_option
 @output_option()
 def show(pem: bool, socket_path: Path | None, output: str) -> None:
-    """Print the CA chain with fingerprints, and where CRL and OCSP are served."""
+    """Print the CA slots (prepared, active, old), the active chain with fingerprints,
+    and where CRL and OCSP are served."""
     try:
         info = AdminClient(socket_path).request("GET", "/v1/ca")
     except TrustmeshError as err:
@@ -133,6 +134,7 @@ def show(pem: bool, socket_path: Path | None, output: str) -> None:
                f"key manager: {info['key_manager']}")
     click.echo(f"CRL:  {info['crl_url']}")
     click.echo(f"OCSP: {info['ocsp_url']}")
+    _show_slots(info)
     for cert in [*info["chain"], info["ocsp_responder"]]:
         click.echo("")
         click.echo(f"[{cert['role']}] {cert['subject']}")
@@ -142,6 +144,28 @@ def show(pem: bool, socket_path: Path | None, output: str) -> None:
         click.echo(f"  sha256:   {cert['fingerprint_sha256']}")
         if pem:
             click.echo(cert["pem"], nl=False)
+
+
+def _show_slots(info: dict[str, Any]) -> None:
+    slots = info.get("slots") or []
+    rotation = info.get("rotation") or {}
+    click.echo("")
+    click.echo(f"CA slots (propagation {rotation.get('propagation_seconds', 0):g}s; "
+               "the next CA is published at 1/2 of the active one's life, signs at 5/6):")
+    for slot in slots:
+        root = slot["chain"][-1]
+        state = slot["state"]
+        if state == "active":
+            plan = (f"next prepared at {slot['prepare_next_at']}, "
+                    f"takes over at {slot['activate_next_at']}")
+        elif state == "prepared":
+            plan = f"signs from {slot['signs_from']}"
+        else:
+            plan = (f"retires at {slot['retire_at']}" if slot.get("retire_at")
+                    else f"retires when what it signed has expired (by {slot['not_after']})")
+        click.echo(f"  {state:8}  {slot['ca_id']}  valid until {slot['not_after']}  {plan}")
+        click.echo(f"            {'upstream' if slot['upstream'] else 'root'}: "
+                   f"{root['subject']}  sha256 {root['fingerprint_sha256']}")
 
 
 _AUDIT_COLUMNS = ["id", "at", "actor", "action", "serial", "subject", "sans", "template",

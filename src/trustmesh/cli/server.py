@@ -64,6 +64,9 @@ def _server_options(fn: Any) -> Any:
         click.option("--ca-subject", help="Subject of CA certificates  [default: O=trustmesh]"),
         click.option("--root-ttl", help="Root CA lifetime  [default: 3650d]"),
         click.option("--intermediate-ttl", help="Signing CA lifetime  [default: 365d]"),
+        click.option("--ca-propagation",
+                     help="Time a new CA is in the published bundle before it signs  "
+                          "[default: 5m]"),
         click.option("--crl-validity", help="Time between CRL thisUpdate and nextUpdate "
                                             "[default: 24h]"),
         click.option("--backdate", help="notBefore is set this far in the past  [default: 60s]"),

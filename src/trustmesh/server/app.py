@@ -85,7 +85,11 @@ class ServerIdentity:
         self._on_rotate: list[Callable[[], None]] = []
         self._issue()
 
+    def _signers(self) -> tuple[str, tuple[x509.Certificate, ...]]:
+        return self._ca.ca_id, self._ca.anchors
+
     def _issue(self) -> None:
+        self._issued_under = self._signers()  # reissued when the CA rotates
         key, chain = self._ca.issue_server_identity(self._ttl)
         leaf = chain[0]
         life = leaf.not_valid_after_utc - self._ca.clock.now()
@@ -104,7 +108,7 @@ class ServerIdentity:
             self.version += 1
 
     def rotate_if_due(self) -> bool:
-        if self._ca.clock.now() < self.refresh_at:
+        if self._ca.clock.now() < self.refresh_at and self._issued_under == self._signers():
             return False
         self._issue()
         for reload in self._on_rotate:
@@ -134,6 +138,7 @@ class ServerIdentity:
                     finally:
                         os.close(fd)
                 ctx.load_cert_chain(cert_file, key_file)
+                ctx.load_verify_locations(cadata=self.roots_pem.decode())  # a new CA's root
 
         load()
         self.on_rotate(load)
@@ -198,6 +203,7 @@ def _update_gauges(ca: CertificateAuthority, metrics: ServerMetrics) -> None:
         role = "signing" if i == 0 else "issuer"
         metrics.ca_expiry.labels(format(cert.serial_number, "x")[:16], role).set(
             cert.not_valid_after_utc.timestamp())
+    metrics.update_ca_slots(ca.slot_states())
 
 
 async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None = None) -> None:
@@ -283,8 +289,9 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
 
     async def housekeeping() -> None:
         while True:
-            await asyncio.sleep(_HOUSEKEEPING_INTERVAL)
+            await asyncio.sleep(min(_HOUSEKEEPING_INTERVAL, ca.seconds_until_rotation() + 0.05))
             try:
+                await loop.run_in_executor(None, ca.rotate_x509)
                 await loop.run_in_executor(None, ca.ensure_crl)
                 await loop.run_in_executor(None, ca.rotate_responder_if_due)
                 await loop.run_in_executor(None, identity.rotate_if_due)

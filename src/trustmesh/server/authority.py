@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from trustmesh.pki.ocsp import (
 )
 from trustmesh.pki.templates import get_template
 from trustmesh.server.bundle import BundlePublisher
+from trustmesh.server.ca_rotation import CaSlot, SlotState, plan_ca_rotation, retire_due
 from trustmesh.server.issuance import SignItem, SignOutcome, sign_requests
 from trustmesh.server.journal import RevocationJournal
 from trustmesh.server.jwt_authority import JwtAuthority
@@ -67,6 +69,8 @@ log = get_logger("trustmesh.server.ca")
 _ROOT_PATH_LEN = 2
 _INTERMEDIATE_PATH_LEN = 1
 _OCSP_RESPONSE_VALIDITY = timedelta(hours=1)
+_MIN_RESPONDER_TTL = timedelta(seconds=2)
+_ROTATION_RETRY = timedelta(seconds=5)
 # The DNS name in the server's own X509-SVID; agents verify it (and the chain).
 SERVER_DNS_NAME = "trustmesh-server"
 
@@ -157,23 +161,69 @@ class IssuedCertificate:
         }
 
 
-@dataclass
-class _Hierarchy:
+@dataclass(frozen=True)
+class _Slot:
+    """One CA slot: its place in the rotation schedule and what it signs with."""
+
+    schedule: CaSlot
     authority: SigningAuthority
-    anchors: tuple[x509.Certificate, ...]
+    anchors: tuple[x509.Certificate, ...]  # the root(s) validators need for it
     upstream: bool
+    key_ids: tuple[str, ...]  # in the key manager: the signing key first, then its root's
+
+    @property
+    def ca_id(self) -> str:
+        return self.schedule.ca_id
+
+    @property
+    def state(self) -> SlotState:
+        return self.schedule.state
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """The signing CA first, then its issuers up to the trust anchor."""
+        return (self.authority.certificate, *self.authority.chain)
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.schedule
+
+        def when(dt: datetime | None) -> str | None:
+            return dt.isoformat() if dt is not None else None
+
+        return {
+            "ca_id": s.ca_id,
+            "state": s.state.value,
+            "created_at": s.created_at.isoformat(),
+            "prepared_at": s.prepared_at.isoformat(),
+            "activated_at": when(s.activated_at),
+            "deactivated_at": when(s.deactivated_at),
+            "signing_key_id": self.key_ids[0],
+            "key_ids": list(self.key_ids),
+            "signing_pem": _pem(self.authority.certificate),
+            "chain_pem": "".join(_pem(c) for c in self.authority.chain),
+            "anchors_pem": "".join(_pem(c) for c in self.anchors),
+            "upstream": self.upstream,
+        }
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Responder:
-    responder: OcspResponder
-    certificate: x509.Certificate
+    identity: ResponderIdentity
     refresh_at: datetime
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self.identity.responder_certificate
+
+
+_SLOTS_SETTING = "ca.slots"
+_LEGACY_SETTING = "ca.state"  # one CA, as written before rotation existed
+_SIGNING_STATES = (SlotState.ACTIVE, SlotState.OLD)  # slots that have signed: CRL and OCSP
 
 
 class CertificateAuthority:
-    """One signing CA (with its chain) and the records of what it signed."""
+    """The signing CAs (one active, a prepared successor, the previous one) and the
+    records of what they signed."""
 
     def __init__(
         self,
@@ -189,31 +239,64 @@ class CertificateAuthority:
         self.journal = RevocationJournal(config.data_dir / "revocations.journal")
         self.policy = IssuancePolicy(mode=config.ca_mode, backdate=config.backdate)
         self._lock = threading.RLock()
-        self._hierarchy = self._load_or_create_hierarchy()
-        self._responder = self._new_responder()
+        self._slots: tuple[_Slot, ...] = ()
+        self._stored: str | None = None  # the slots as last read or written (compare-and-set)
+        self._signed_until: dict[str, datetime] = {}
+        self._next_check = clock.now()
+        self._responders: dict[str, _Responder] = {}
+        self._ocsp = OcspResponder([], validity=_OCSP_RESPONSE_VALIDITY)
+        self._load_slots()
+        self.rotate_x509()  # the first CA, or what came due while the server was stopped
+        self._after_change()  # CRLs and OCSP responders of the loaded CAs
         self._replay_journal()
-        self.ensure_crl(force=self.store.latest_crl(self.ca_id) is None)
         self.jwt = JwtAuthority(datastore, keys, clock)
         self.bundles = BundlePublisher(datastore)
 
-    # -- hierarchy -------------------------------------------------------------
+    # -- slots -----------------------------------------------------------------
+    @property
+    def _active(self) -> _Slot:
+        for slot in self._slots:
+            if slot.state is SlotState.ACTIVE:
+                return slot
+        raise InternalError("no active CA")
+
     @property
     def authority(self) -> SigningAuthority:
-        return self._hierarchy.authority
+        """The CA that signs now."""
+        return self._active.authority
 
     @property
     def ca_id(self) -> str:
-        return self._hierarchy.authority.ca_id
+        return self._active.ca_id
 
     @property
     def anchors(self) -> tuple[x509.Certificate, ...]:
-        return self._hierarchy.anchors
+        """Every trust anchor validators need: the previous CA's, the active one's and its
+        prepared successor's, each once, oldest first (activation alone changes nothing)."""
+        out: list[x509.Certificate] = []
+        for slot in self._slots:
+            out.extend(a for a in slot.anchors if a not in out)
+        return tuple(out)
 
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
-        """The signing CA first, then its issuers up to the trust anchor."""
-        a = self._hierarchy.authority
-        return (a.certificate, *a.chain)
+        """The active signing CA first, then its issuers up to the trust anchor."""
+        return self._active.chain
+
+    def chain_for(self, ca_id: str) -> tuple[x509.Certificate, ...]:
+        """The chain of the CA ``ca_id`` if it is still published, else the active one."""
+        for slot in self._slots:
+            if slot.ca_id == ca_id:
+                return slot.chain
+        return self.chain
+
+    def slot_states(self) -> list[tuple[str, str]]:
+        """(ca_id, state) of every published CA."""
+        return [(s.ca_id, s.state.value) for s in self._slots]
+
+    def seconds_until_rotation(self) -> float:
+        """How long until the CA schedule may change (for the housekeeping loop)."""
+        return max(0.0, (self._next_check - self.clock.now()).total_seconds())
 
     def urls_for(self, ca_id: str) -> CaUrls:
         base = self.config.base_url
@@ -223,30 +306,68 @@ class CertificateAuthority:
             ca_issuers_url=f"{base}/ca/{ca_id}.der",
         )
 
-    def _load_or_create_hierarchy(self) -> _Hierarchy:
-        stored = self.store.get_setting("ca.state")
-        if stored:
-            loaded = self._load_hierarchy(json.loads(stored))
-            if loaded is not None:
-                return loaded
-        return self._create_hierarchy()
-
     def _permitted(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return (self.config.trust_domain,), tuple(self.config.permitted_dns_domains)
 
-    def _load_hierarchy(self, state: dict[str, Any]) -> _Hierarchy | None:
+    def _load_slots(self) -> None:
+        raw = self.store.get_setting(_SLOTS_SETTING)
+        self._stored = raw
+        if raw is not None:
+            slots = self._parse_slots(raw)
+        else:
+            legacy = self.store.get_setting(_LEGACY_SETTING)
+            one = self._legacy_slot(json.loads(legacy)) if legacy else None
+            slots = (one,) if one is not None else ()
+        self._slots = slots
+        for slot in slots:
+            log.info("loaded CA", extra={"ca_id": slot.ca_id, "state": slot.state.value,
+                                         "upstream": slot.upstream})
+
+    def _parse_slots(self, raw: str) -> tuple[_Slot, ...]:
+        doc = json.loads(raw)
+        self._check_trust_domain(doc.get("trust_domain"))
+        out = []
+        for body in doc.get("slots", []):
+            slot = self._slot_from_json(body)
+            if slot is None:
+                return ()  # the memory key manager lost the keys: start a new CA
+            out.append(slot)
+        return tuple(out)
+
+    def _check_trust_domain(self, stored: str | None) -> None:
+        if stored != self.config.trust_domain:
+            raise ConfigError(
+                f"this data directory belongs to trust domain {stored!r}, "
+                f"not {self.config.trust_domain!r}"
+            )
+
+    def _legacy_slot(self, state: dict[str, Any]) -> _Slot | None:
+        """The single CA of a data directory written before rotation existed."""
+        self._check_trust_domain(state.get("trust_domain"))
         signing = x509.load_pem_x509_certificate(state["signing_pem"].encode())
-        chain = tuple(x509.load_pem_x509_certificates(state["chain_pem"].encode()))
-        key = self.keys.get_key(state["signing_key_id"])
+        created = (datetime.fromisoformat(state["created_at"]) if state.get("created_at")
+                   else signing.not_valid_before_utc)
+        key_ids = [state["signing_key_id"]]
+        if key_ids[0].startswith("intermediate-"):
+            key_ids.append("root-" + key_ids[0].removeprefix("intermediate-"))
+        body = {**state, "state": SlotState.ACTIVE.value, "created_at": created.isoformat(),
+                "prepared_at": created.isoformat(), "activated_at": created.isoformat(),
+                "key_ids": key_ids}
+        return self._slot_from_json(body)
+
+    def _slot_from_json(self, body: dict[str, Any]) -> _Slot | None:
+        signing = x509.load_pem_x509_certificate(body["signing_pem"].encode())
+        chain = tuple(x509.load_pem_x509_certificates(body["chain_pem"].encode()))
+        key = self.keys.get_key(body["signing_key_id"])
         if key is None:
             if self.keys.name == "memory":
                 log.warning(
                     "the memory key manager lost the CA key on restart; creating a new CA",
-                    extra={"old_ca_id": state.get("ca_id")},
+                    extra={"old_ca_id": body.get("ca_id")},
                 )
                 return None
             raise ConfigError(
-                f"the CA signing key {state['signing_key_id']!r} is missing from the "
+                f"the CA signing key {body['signing_key_id']!r} is missing from the "
                 f"{self.keys.name} key manager; restore it or use a fresh data directory"
             )
         if key.public_key().public_bytes(
@@ -255,12 +376,7 @@ class CertificateAuthority:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise ConfigError("the stored CA key does not match the stored CA certificate")
-        if state.get("trust_domain") != self.config.trust_domain:
-            raise ConfigError(
-                f"this data directory belongs to trust domain {state.get('trust_domain')!r}, "
-                f"not {self.config.trust_domain!r}"
-            )
-        ca_id = state["ca_id"]
+        ca_id = body["ca_id"]
         uri_domains, dns_domains = self._permitted()
         authority = SigningAuthority(
             certificate=signing,
@@ -271,18 +387,39 @@ class CertificateAuthority:
             permitted_dns_domains=dns_domains,
             ca_id=ca_id,
         )
-        anchors = tuple(x509.load_pem_x509_certificates(state["anchors_pem"].encode()))
-        log.info("loaded CA", extra={"ca_id": ca_id, "upstream": state.get("upstream", False)})
-        return _Hierarchy(authority, anchors, bool(state.get("upstream")))
 
-    def _create_hierarchy(self) -> _Hierarchy:
-        now = self.clock.now()
+        def when(name: str) -> datetime | None:
+            value = body.get(name)
+            return datetime.fromisoformat(value) if value else None
+
+        created = when("created_at") or signing.not_valid_before_utc
+        schedule = CaSlot(
+            ca_id=ca_id, created_at=created, not_after=signing.not_valid_after_utc,
+            state=SlotState(body["state"]), prepared_at=when("prepared_at") or created,
+            activated_at=when("activated_at"), deactivated_at=when("deactivated_at"),
+        )
+        anchors = tuple(x509.load_pem_x509_certificates(body["anchors_pem"].encode()))
+        key_ids = tuple(body.get("key_ids") or [body["signing_key_id"]])
+        return _Slot(schedule, authority, anchors, bool(body.get("upstream")), key_ids)
+
+    def _serialize(self, slots: Sequence[_Slot]) -> str:
+        return json.dumps({
+            "trust_domain": self.config.trust_domain,
+            "key_manager": self.keys.name,
+            "slots": [s.to_json() for s in slots],
+        })
+
+    def _new_slot(self, now: datetime, state: SlotState) -> _Slot:
+        """Keys and certificates of a new CA; nothing is published or used until the
+        caller has stored it."""
         algorithm = KeyAlgorithm.parse(self.config.ca_key_algorithm)
         stamp = now.strftime("%Y%m%dT%H%M%S")
+        unique = f"{stamp}-{secrets.token_hex(4)}"
         base_subject = parse_subject(self.config.ca_subject)
         uri_domains, dns_domains = self._permitted()
-        signing_key_id = f"intermediate-{stamp}"
+        signing_key_id = f"intermediate-{unique}"
         signing_key = self.keys.generate_key(signing_key_id, algorithm)
+        key_ids = [signing_key_id]
         inter_subject = x509.Name(
             [*base_subject, x509.NameAttribute(x509.NameOID.COMMON_NAME,
                                                f"trustmesh intermediate CA {stamp}")]
@@ -299,9 +436,15 @@ class CertificateAuthority:
             )
             chain = tuple(up_chain)
             anchors = (up_chain[-1],)
+            if signing_cert.not_valid_after_utc < now + self.config.intermediate_ttl:
+                log.warning("the upstream CA expires before the intermediate_ttl: the new "
+                            "CA is cut short and will rotate sooner",
+                            extra={"upstream_not_after":
+                                   issuer_cert.not_valid_after_utc.isoformat()})
         else:
-            root_key_id = f"root-{stamp}"
+            root_key_id = f"root-{unique}"
             root_key = self.keys.generate_key(root_key_id, algorithm)
+            key_ids.append(root_key_id)
             root_subject = x509.Name(
                 [*base_subject, x509.NameAttribute(x509.NameOID.COMMON_NAME,
                                                    f"trustmesh root CA {stamp}")]
@@ -317,26 +460,15 @@ class CertificateAuthority:
             chain = (root,)
             anchors = (root,)
         ca_id = ca_id_of(signing_cert)
-        state = {
-            "ca_id": ca_id,
-            "trust_domain": self.config.trust_domain,
-            "signing_key_id": signing_key_id,
-            "signing_pem": _pem(signing_cert),
-            "chain_pem": "".join(_pem(c) for c in chain),
-            "anchors_pem": "".join(_pem(c) for c in anchors),
-            "upstream": upstream,
-            "key_manager": self.keys.name,
-            "created_at": now.isoformat(),
-        }
-        self.store.put_settings({"ca.state": json.dumps(state)})
-        log.info("created CA", extra={"ca_id": ca_id, "upstream": upstream,
-                                      "algorithm": algorithm.value})
         authority = SigningAuthority(
             certificate=signing_cert, key=signing_key, chain=chain,
             urls=self.urls_for(ca_id), permitted_uri_domains=uri_domains,
             permitted_dns_domains=dns_domains, ca_id=ca_id,
         )
-        return _Hierarchy(authority, anchors, upstream)
+        schedule = CaSlot(ca_id=ca_id, created_at=now, not_after=signing_cert.not_valid_after_utc,
+                          state=state, prepared_at=now,
+                          activated_at=now if state is SlotState.ACTIVE else None)
+        return _Slot(schedule, authority, anchors, upstream, tuple(key_ids))
 
     def _load_upstream(self) -> tuple[list[x509.Certificate], Any]:
         cert_path = self.config.upstream_ca_cert
@@ -365,17 +497,104 @@ class CertificateAuthority:
             )
         return certs, key
 
+    # -- rotation --------------------------------------------------------------
+    def _signed_until_map(self, now: datetime) -> dict[str, datetime]:
+        """The latest notAfter each old CA signed. Asked once per CA, after it has been
+        old for the propagation time (what it signed last is recorded by then; before
+        that the schedule keeps it anyway)."""
+        prop = self.config.ca_propagation
+        for slot in self._slots:
+            s = slot.schedule
+            if (s.state is SlotState.OLD and slot.ca_id not in self._signed_until
+                    and s.deactivated_at is not None and now >= s.deactivated_at + prop):
+                latest = self.store.latest_not_after(slot.ca_id)
+                self._signed_until[slot.ca_id] = (
+                    _from_epoch(latest) if latest is not None else s.deactivated_at)
+        return dict(self._signed_until)
+
+    def rotate_x509(self) -> bool:
+        """Apply the CA rotation schedule; True when the published CAs changed.
+
+        Every change is stored (compare-and-set against what this server last saw)
+        before it is used: a crash leaves either the old slots or the new ones.
+        """
+        with self._lock:
+            # should this check fail half way, the next one comes soon, not at once
+            self._next_check = self.clock.now() + _ROTATION_RETRY
+            followed = False
+            stored = self.store.get_setting(_SLOTS_SETTING)
+            if stored is not None and stored != self._stored:
+                # another replica moved the schedule (or this is a restart): follow it
+                self._slots, self._stored = self._parse_slots(stored), stored
+                followed = True
+            now = self.clock.now()
+            prop = self.config.ca_propagation
+            plan = plan_ca_rotation([s.schedule for s in self._slots], now, prop,
+                                    self._signed_until_map(now))
+            if not plan.changed:
+                self._next_check = plan.next_check
+                if followed:
+                    self._after_change()
+                return followed
+            by_id = {s.ca_id: s for s in self._slots}
+            after = [replace(by_id[c.ca_id], schedule=c) for c in plan.slots]
+            created = self._new_slot(now, plan.create) if plan.create is not None else None
+            if created is not None:
+                after.append(created)
+            payload = self._serialize(after)
+            if not self.store.replace_setting(_SLOTS_SETTING, self._stored, payload):
+                if created is not None:
+                    self._delete_keys(created)
+                log.warning("another server changed the CA slots first; following it")
+                self._next_check = now  # the next check reads and follows theirs
+                return followed
+            self._stored = payload
+            self._slots = tuple(after)
+            for move in plan.transitions:
+                ca_id = move.ca_id or (created.ca_id if created is not None else "")
+                log.info("CA slot transition", extra={
+                    "ca_id": ca_id,
+                    "from": move.before.value if move.before else None,
+                    "to": move.after.value if move.after else "retired",
+                    "reason": move.reason})
+                if move.after is None and move.ca_id in by_id:
+                    self._signed_until.pop(move.ca_id, None)
+                    self._delete_keys(by_id[move.ca_id])
+            self._after_change()
+            replanned = plan_ca_rotation([s.schedule for s in self._slots], now, prop,
+                                         self._signed_until_map(now))
+            self._next_check = now if replanned.changed else replanned.next_check
+            return True
+
+    def _delete_keys(self, slot: _Slot) -> None:
+        for key_id in slot.key_ids:
+            try:
+                self.keys.delete_key(key_id)
+            except Exception:  # a key already gone is no reason to stop rotating
+                log.warning("could not delete a retired CA key", extra={"key_id": key_id},
+                            exc_info=True)
+
+    def _after_change(self) -> None:
+        """CRLs and OCSP responders follow the slots that have signed."""
+        self._active  # noqa: B018 - fail loudly if the plan left no active CA
+        for slot in self._slots:
+            if slot.state in _SIGNING_STATES and self.store.latest_crl(slot.ca_id) is None:
+                self._ensure_crl_for(slot, force=True)
+        self._refresh_responders()
+
     # -- OCSP responder --------------------------------------------------------
-    def _new_responder(self) -> _Responder:
+    def _new_responder(self, slot: _Slot, now: datetime) -> _Responder | None:
         """A fresh delegated responder key and certificate (kept in memory only)."""
-        now = self.clock.now()
-        authority = self.authority
+        authority = slot.authority
         key = generate_software_key(KeyAlgorithm.EC_P256)
         ttl = min(self.config.ocsp_responder_ttl,
                   authority.certificate.not_valid_after_utc - now)
+        if ttl <= _MIN_RESPONDER_TTL:
+            return None  # the CA ends in a moment: keep the responder it has
         subject = x509.Name(
             [*parse_subject(self.config.ca_subject),
-             x509.NameAttribute(x509.NameOID.COMMON_NAME, f"trustmesh OCSP responder {self.ca_id}")]
+             x509.NameAttribute(x509.NameOID.COMMON_NAME,
+                                f"trustmesh OCSP responder {slot.ca_id}")]
         )
         csr = (
             x509.CertificateSigningRequestBuilder()
@@ -389,30 +608,45 @@ class CertificateAuthority:
         cert = issue_certificate(authority, request, now, x509.random_serial_number(),
                                  IssuancePolicy(mode=self.config.ca_mode,
                                                 backdate=self.config.backdate))
-        responder = OcspResponder(
-            [ResponderIdentity(self.ca_id, authority.certificate, cert, key)],
-            validity=_OCSP_RESPONSE_VALIDITY,
-        )
         lifetime = cert.not_valid_after_utc - now
         log.info("issued OCSP responder certificate",
-                 extra={"serial": format(cert.serial_number, "x"),
+                 extra={"ca_id": slot.ca_id, "serial": format(cert.serial_number, "x"),
                         "not_after": cert.not_valid_after_utc.isoformat()})
-        return _Responder(responder, cert, now + lifetime * 2 / 3)
+        identity = ResponderIdentity(slot.ca_id, authority.certificate, cert, key)
+        return _Responder(identity, now + lifetime * 2 / 3)
+
+    def _refresh_responders(self) -> bool:
+        """A responder for every CA that has signed, renewed at two thirds of its life."""
+        with self._lock:
+            now = self.clock.now()
+            wanted = {s.ca_id: s for s in self._slots if s.state in _SIGNING_STATES}
+            changed = False
+            for ca_id in [c for c in self._responders if c not in wanted]:
+                del self._responders[ca_id]
+                changed = True
+            for ca_id, slot in wanted.items():
+                current = self._responders.get(ca_id)
+                if current is not None and now < current.refresh_at:
+                    continue
+                fresh = self._new_responder(slot, now)
+                if fresh is not None:
+                    self._responders[ca_id] = fresh
+                    changed = True
+            if changed:
+                self._ocsp = OcspResponder([r.identity for r in self._responders.values()],
+                                           validity=_OCSP_RESPONSE_VALIDITY)
+            return changed
 
     def rotate_responder_if_due(self) -> bool:
-        if self.clock.now() < self._responder.refresh_at:
-            return False
-        with self._lock:
-            self._responder = self._new_responder()
-        return True
+        return self._refresh_responders()
 
     @property
     def responder_certificate(self) -> x509.Certificate:
-        return self._responder.certificate
+        """The active CA's OCSP responder certificate."""
+        return self._responders[self.ca_id].certificate
 
     def ocsp(self, request_der: bytes) -> OcspAnswer:
-        return self._responder.responder.respond(request_der, self._status_lookup,
-                                                 self.clock.now())
+        return self._ocsp.respond(request_der, self._status_lookup, self.clock.now())
 
     def _status_lookup(self, ca_id: str, serial: int) -> CertificateStatus:
         row = self.store.certificate_status(format(serial, "x"))
@@ -502,9 +736,8 @@ class CertificateAuthority:
                             results[i] = conflict
                             continue
                         results[i] = earlier if earlier is not None else err
-            chain = self.chain
             for i, rec in stored:
-                results[i] = IssuedCertificate(rec.der, chain, rec.serial)
+                results[i] = IssuedCertificate(rec.der, self.chain_for(rec.ca_id), rec.serial)
             if log.isEnabledFor(logging.INFO):
                 log.info("issued certificates", extra={
                     "count": len(stored), "serials": [rec.serial for _, rec in stored[:64]],
@@ -515,9 +748,10 @@ class CertificateAuthority:
     def _record_for(self, outcome: SignOutcome, item: SignItem, params: IssueParams,
                     actor: str, created_at: int) -> tuple[CertificateRecord, dict[str, Any]]:
         assert outcome.der is not None
+        ca_id = outcome.ca_id or self.ca_id  # the CA that signed it, even if it just rotated
         record = CertificateRecord(
             serial=format(item.serial, "x"),
-            ca_id=self.ca_id,
+            ca_id=ca_id,
             subject=outcome.subject,
             sans=outcome.sans,
             template=item.template,
@@ -535,7 +769,7 @@ class CertificateAuthority:
             "template": item.template,
             "not_before": _from_epoch(record.not_before).isoformat(),
             "not_after": _from_epoch(record.not_after).isoformat(),
-            "ca_id": self.ca_id,
+            "ca_id": ca_id,
         }
         return record, details
 
@@ -548,7 +782,8 @@ class CertificateAuthority:
                 f"idempotency key {key!r} was already used for a different request",
                 field="idempotency_key",
             )
-        return IssuedCertificate(record.der, self.chain, record.serial, reused=True)
+        return IssuedCertificate(record.der, self.chain_for(record.ca_id), record.serial,
+                                 reused=True)
 
     def bundle(self) -> dict[str, Any]:
         """This trust domain's bundle (SPIFFE format): trust anchors and JWT keys."""
@@ -558,7 +793,11 @@ class CertificateAuthority:
         return json.dumps(self.bundle(), indent=2).encode()
 
     def issue_server_identity(self, ttl: timedelta) -> tuple[Any, tuple[x509.Certificate, ...]]:
-        """A fresh key and X509-SVID (spiffe://<td>/trustmesh/server) for the agent API."""
+        """A fresh key and X509-SVID (spiffe://<td>/trustmesh/server) for the agent API,
+        signed by the active CA and never outliving it."""
+        slot = self._active
+        now = self.clock.now()
+        ttl = min(ttl, slot.authority.certificate.not_valid_after_utc - now)
         key = generate_software_key(KeyAlgorithm.EC_P256)
         csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
                .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
@@ -568,11 +807,11 @@ class CertificateAuthority:
                         ip_addresses=(), path_length=None,
                         serial=x509.random_serial_number(),
                         subject=f"O=trustmesh,CN={SERVER_DNS_NAME}", names_from_csr=False)
-        outcome = sign_requests(self.authority, self.policy, [item], self.clock.now())[0]
+        outcome = sign_requests(slot.authority, self.policy, [item], now)[0]
         outcome.raise_error()
         assert outcome.der is not None
         leaf = x509.load_der_x509_certificate(outcome.der)
-        return key, (leaf, *self.chain)
+        return key, (leaf, *slot.chain)
 
     # -- revocation ----------------------------------------------------------
     def revoke(self, serial_text: str, reason_text: str, actor: str) -> CertificateRecord:
@@ -592,7 +831,8 @@ class CertificateAuthority:
         with self._lock:
             revoked = self.store.revoke(serial, at=entry["at"], reason=reason.value,
                                         actor=actor, details=entry["details"])
-            self.ensure_crl(force=True)
+            # a retired CA's certificates have all expired: its CRL no longer matters
+            self.ensure_crl(force=True, ca_id=record.ca_id)
         log.info("revoked certificate", extra={"serial": serial, "reason": reason.value,
                                                "actor": actor})
         return revoked
@@ -604,11 +844,20 @@ class CertificateAuthority:
                         extra={"serials": fixed})
 
     # -- CRL -----------------------------------------------------------------
-    def ensure_crl(self, *, force: bool = False) -> bool:
-        """Re-sign the CRL when forced or when half its validity is gone."""
+    def ensure_crl(self, *, force: bool = False, ca_id: str | None = None) -> bool:
+        """Re-sign the CRL of every CA that has signed (or only ``ca_id``) when forced or
+        when half its validity is gone; True when one was signed."""
+        with self._lock:
+            signed = False
+            for slot in self._slots:
+                if slot.state in _SIGNING_STATES and ca_id in (None, slot.ca_id):
+                    signed = self._ensure_crl_for(slot, force=force) or signed
+            return signed
+
+    def _ensure_crl_for(self, slot: _Slot, *, force: bool) -> bool:
         with self._lock:
             now = self.clock.now()
-            latest = self.store.latest_crl(self.ca_id)
+            latest = self.store.latest_crl(slot.ca_id)
             if latest is not None and not force:
                 half = latest.this_update + (latest.next_update - latest.this_update) // 2
                 if _epoch(now) < half:
@@ -618,20 +867,20 @@ class CertificateAuthority:
                     int(r.serial, 16), _from_epoch(r.revoked_at or 0),
                     RevocationReason.parse(r.revocation_reason or "unspecified"),
                 )
-                for r in self.store.revoked_certificates(self.ca_id)
+                for r in self.store.revoked_certificates(slot.ca_id)
             ]
             this_update = now.replace(microsecond=0)
             next_update = this_update + self.config.crl_validity
-            authority = self.authority
+            authority = slot.authority
 
             def build(number: int) -> bytes:
                 crl = build_crl(authority.certificate, authority.key, revoked, number=number,
                                 this_update=this_update, next_update=next_update)
                 return crl.public_bytes(serialization.Encoding.DER)
 
-            rec = self.store.store_crl(self.ca_id, this_update=_epoch(this_update),
+            rec = self.store.store_crl(slot.ca_id, this_update=_epoch(this_update),
                                        next_update=_epoch(next_update), build=build)
-            log.info("signed CRL", extra={"ca_id": self.ca_id, "number": rec.number,
+            log.info("signed CRL", extra={"ca_id": slot.ca_id, "number": rec.number,
                                           "revoked": len(revoked)})
             return True
 
@@ -642,9 +891,11 @@ class CertificateAuthority:
         return rec.der
 
     def ca_certificate(self, ca_id: str) -> x509.Certificate:
-        for cert in self.chain:
-            if ca_id_of(cert) == ca_id:
-                return cert
+        """A CA certificate of any published slot (AIA caIssuers of older certificates)."""
+        for slot in self._slots:
+            for cert in slot.chain:
+                if ca_id_of(cert) == ca_id:
+                    return cert
         raise NotFound(f"no CA certificate {ca_id}")
 
     # -- views ---------------------------------------------------------------
@@ -662,9 +913,37 @@ class CertificateAuthority:
                 "pem": _pem(cert),
             }
 
-        chain = self.chain
-        roles = ["signing"] + ["upstream" if self._hierarchy.upstream else "root"] * (
-            len(chain) - 1)
+        def when(dt: datetime | None) -> str | None:
+            return dt.isoformat() if dt is not None else None
+
+        active = self._active
+        prop = self.config.ca_propagation
+        slots = []
+        for slot in self._slots:
+            s = slot.schedule
+            role = "upstream" if slot.upstream else "root"
+            view: dict[str, Any] = {
+                "state": s.state.value,
+                "ca_id": slot.ca_id,
+                "upstream": slot.upstream,
+                "created_at": s.created_at.isoformat(),
+                "prepared_at": s.prepared_at.isoformat(),
+                "activated_at": when(s.activated_at),
+                "deactivated_at": when(s.deactivated_at),
+                "not_after": s.not_after.isoformat(),
+                "chain": [info(c, r) for c, r in zip(
+                    slot.chain, ["signing"] + [role] * len(slot.authority.chain), strict=True)],
+            }
+            if s.state is SlotState.ACTIVE:
+                view["prepare_next_at"] = s.prepare_due.isoformat()
+                view["activate_next_at"] = s.activate_successor_due.isoformat()
+            elif s.state is SlotState.PREPARED:
+                view["signs_from"] = max(active.schedule.activate_successor_due,
+                                         s.prepared_at + prop).isoformat()
+            elif s.state is SlotState.OLD:
+                until = self._signed_until.get(slot.ca_id)
+                view["retire_at"] = retire_due(s, until, prop).isoformat() if until else None
+            slots.append(view)
         return {
             "trust_domain": self.config.trust_domain,
             "mode": self.config.ca_mode.value,
@@ -672,9 +951,13 @@ class CertificateAuthority:
             "ca_id": self.ca_id,
             "crl_url": self.authority.urls.crl_url,
             "ocsp_url": self.authority.urls.ocsp_url,
-            "chain": [info(c, r) for c, r in zip(chain, roles, strict=True)],
+            "chain": slots[self._slots.index(active)]["chain"],
             "trust_anchors_pem": "".join(_pem(c) for c in self.anchors),
-            "ocsp_responder": info(self._responder.certificate, "ocsp-responder"),
+            "ocsp_responder": info(self.responder_certificate, "ocsp-responder"),
+            "slots": slots,
+            "rotation": {"intermediate_ttl_seconds": self.config.intermediate_ttl.total_seconds(),
+                         "propagation_seconds": prop.total_seconds(),
+                         "next_check": self._next_check.isoformat()},
         }
 
     def audit(self, action: str | None = None, serial: str | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import multiprocessing
 import os
 import threading
@@ -79,6 +80,7 @@ class SignOutcome:
     sans: tuple[str, ...] = ()
     not_before: int = 0
     not_after: int = 0
+    ca_id: str = ""  # the CA that signed it (the active one may change while it is signed)
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -111,6 +113,7 @@ def sign_requests(authority: SigningAuthority, policy: IssuancePolicy,
                 sans=san_strings(request.names if not names.empty else _cert_names(cert)),
                 not_before=int(cert.not_valid_before_utc.timestamp()),
                 not_after=int(cert.not_valid_after_utc.timestamp()),
+                ca_id=authority.ca_id,
             ))
         except TrustmeshError as err:
             out.append(SignOutcome(error=err.to_dict()))
@@ -212,6 +215,7 @@ class SigningPool:
 
     def __init__(self, authority: SigningAuthority, policy: IssuancePolicy,
                  workers: int) -> None:
+        self.ca_id = authority.ca_id
         key_der = authority.key.private_bytes(
             serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption())
@@ -243,8 +247,8 @@ class SigningPool:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, _worker_sign, items, now)
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    def close(self, *, cancel_pending: bool = True) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=cancel_pending)
 
 
 def default_worker_count() -> int:
@@ -356,12 +360,17 @@ class _Authority(Protocol):
 
 
 class AsyncIssuer:
-    """The issuance path of the server's APIs: idempotency, batching, pool, datastore."""
+    """The issuance path of the server's APIs: idempotency, batching, pool, datastore.
+
+    The pool holds a copy of the signing CA; when the CA rotates, a new pool is
+    started for the new CA and the server signs in-process until it is ready.
+    """
 
     def __init__(self, ca: _Authority, workers: int, *, pool_allowed: bool = True) -> None:
         self._ca = ca
-        self.pool = SigningPool(ca.authority, ca.policy, workers) if (
-            workers > 0 and pool_allowed) else None
+        self._workers = workers if pool_allowed else 0
+        self.pool = SigningPool(ca.authority, ca.policy, workers) if self._workers > 0 else None
+        self._replacing: asyncio.Task[None] | None = None
         sign = self._sign_pool if self.pool else self._sign_local
         self.batcher = IssuanceBatcher(sign, ca.record_signed,
                                        chunks=self.pool.workers if self.pool else 1)
@@ -373,6 +382,10 @@ class AsyncIssuer:
 
     async def close(self) -> None:
         await self.batcher.stop()
+        if self._replacing is not None:
+            self._replacing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replacing
         if self.pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.pool.close)
 
@@ -383,7 +396,29 @@ class AsyncIssuer:
 
     async def _sign_pool(self, items: list[SignItem]) -> list[SignOutcome]:
         assert self.pool is not None
+        authority = self._ca.authority
+        if self.pool.ca_id != authority.ca_id:
+            if self._replacing is None:
+                self._replacing = asyncio.create_task(self._replace_pool(authority))
+            return await self._sign_local(items)
         return await self.pool.sign(items, self._ca.now())
+
+    async def _replace_pool(self, authority: SigningAuthority) -> None:
+        """Start and warm a pool for the new CA, then retire the old pool."""
+        loop = asyncio.get_running_loop()
+        try:
+            fresh = await loop.run_in_executor(
+                None, SigningPool, authority, self._ca.policy, self._workers)
+            await loop.run_in_executor(None, fresh.warm_up)
+            old, self.pool = self.pool, fresh
+            log.info("signing pool follows the new CA", extra={"ca_id": authority.ca_id})
+            if old is not None:  # batches already sent to it finish there
+                await loop.run_in_executor(None, functools.partial(old.close,
+                                                                   cancel_pending=False))
+        except Exception:
+            log.exception("could not start a signing pool for the new CA; signing in-process")
+        finally:
+            self._replacing = None
 
     async def issue(self, params: Any, actor: str) -> Any:
         if params.idempotency_key:

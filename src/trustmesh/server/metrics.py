@@ -46,6 +46,13 @@ class ServerMetrics:
             ["ca_id", "role"],
             registry=self.registry,
         )
+        self.ca_slots = Gauge(
+            "trustmesh_x509_ca_slot",
+            "X.509 signing CAs published in the bundle: 1 for the CA's current state "
+            "(prepared, active, old).",
+            ["ca_id", "state"],
+            registry=self.registry,
+        )
         self.http_latency = Histogram(
             "trustmesh_http_request_duration_seconds",
             "Latency of HTTP requests, by route.",
@@ -53,3 +60,9 @@ class ServerMetrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
+
+    def update_ca_slots(self, slots: list[tuple[str, str]]) -> None:
+        """Show exactly the given (ca_id, state) pairs; retired CAs disappear."""
+        self.ca_slots.clear()
+        for ca_id, state in slots:
+            self.ca_slots.labels(ca_id, state).set(1)
