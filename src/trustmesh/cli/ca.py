@@ -146,6 +146,15 @@ def show(pem: bool, socket_path: Path | None, output: str) -> None:
             click.echo(cert["pem"], nl=False)
 
 
+def _when(text: str) -> str:
+    """An ISO time without the fraction of a second (plenty for reading a schedule)."""
+    head, dot, tail = text.partition(".")
+    if not dot:
+        return text
+    zone = next((i for i, c in enumerate(tail) if c in "+-Z"), len(tail))
+    return head + tail[zone:]
+
+
 def _show_slots(info: dict[str, Any]) -> None:
     slots = info.get("slots") or []
     rotation = info.get("rotation") or {}
@@ -156,14 +165,14 @@ def _show_slots(info: dict[str, Any]) -> None:
         root = slot["chain"][-1]
         state = slot["state"]
         if state == "active":
-            plan = (f"next prepared at {slot['prepare_next_at']}, "
-                    f"takes over at {slot['activate_next_at']}")
+            plan = (f"next CA prepared at {_when(slot['prepare_next_at'])}, "
+                    f"signs from {_when(slot['activate_next_at'])}")
         elif state == "prepared":
-            plan = f"signs from {slot['signs_from']}"
+            plan = f"signs from {_when(slot['signs_from'])}"
         else:
-            plan = (f"retires at {slot['retire_at']}" if slot.get("retire_at")
-                    else f"retires when what it signed has expired (by {slot['not_after']})")
-        click.echo(f"  {state:8}  {slot['ca_id']}  valid until {slot['not_after']}  {plan}")
+            plan = (f"retires at {_when(slot['retire_at'])}" if slot.get("retire_at")
+                    else "retires when what it signed has expired")
+        click.echo(f"  {state:8}  {slot['ca_id']}  until {_when(slot['not_after'])}  {plan}")
         click.echo(f"            {'upstream' if slot['upstream'] else 'root'}: "
                    f"{root['subject']}  sha256 {root['fingerprint_sha256']}")
 
