@@ -198,6 +198,13 @@ def test_the_next_ca_is_published_before_it_signs_and_the_old_one_stays_until_ex
             metrics)
         log = (srv.log_path).read_text()
         assert '"to": "retired"' in log and '"to": "prepared"' in log
+
+        # a restarted agent still reaches the server: its bootstrap bundle only has the
+        # retired root, the bundle it cached has the new one
+        agent.stop()
+        agent.start()
+        wait_until("the restarted agent reaching the server", lambda: httpx.get(
+            f"http://127.0.0.1:{agent.health}/healthz").json()["server_reachable"], 20)
     finally:
         if agent is not None:
             agent.stop()

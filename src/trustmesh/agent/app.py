@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from trustmesh.agent.cache import CachedEntry, CachedSvid, SvidCache, rotation_due
-from trustmesh.agent.node_store import load_node, save_node
+from trustmesh.agent.node_store import load_bundle, load_node, save_bundle, save_node
 from trustmesh.agent.server_client import NodeCredentials, ServerClient, make_csr
 from trustmesh.config import AgentConfig
 from trustmesh.errors import ConfigError, PermissionDenied, TrustmeshError, Unavailable
@@ -96,6 +96,16 @@ class Agent:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load the trust bundle {config.trust_bundle}: {exc}",
                               field="trust_bundle") from None
+        cached = load_bundle(config.data_dir)
+        if cached:  # the roots fetched last time, besides the bootstrap ones (CA rotation)
+            try:
+                extra = [r for r in x509.load_pem_x509_certificates(cached)
+                         if r not in self.roots]
+            except ValueError:
+                extra = []
+            self.roots = (*self.roots, *extra)
+            self.bundle_pem += b"".join(r.public_bytes(serialization.Encoding.PEM)
+                                        for r in extra)
         self.client = ServerClient(config.server_address, config.effective_attest_address,
                                    self.bundle_pem)
         self.cache = SvidCache()
@@ -182,8 +192,9 @@ class Agent:
             if roots:
                 self.roots = tuple(roots)
                 # the server's own SVID follows the CA when it rotates
-                self.client.update_trust(b"".join(
-                    r.public_bytes(serialization.Encoding.PEM) for r in roots))
+                pem = b"".join(r.public_bytes(serialization.Encoding.PEM) for r in roots)
+                self.client.update_trust(pem)
+                save_bundle(self.config.data_dir, pem)
             self.changed.set()
             log.info("bundle updated", extra={"sequence": doc.get("spiffe_sequence")})
 

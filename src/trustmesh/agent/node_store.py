@@ -12,11 +12,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from trustmesh.agent.server_client import NodeCredentials
 from trustmesh.errors import ConfigError
 
-__all__ = ["load_node", "save_node"]
+__all__ = ["load_bundle", "load_node", "save_bundle", "save_node"]
 
 _KEY = "node.key"
 _CHAIN = "node.pem"
 _ID = "node.id"
+_BUNDLE = "bundle.pem"  # the server's roots as last fetched (they rotate)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -54,3 +55,19 @@ def load_node(data_dir: Path) -> NodeCredentials | None:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"the node key in {data_dir} is not an EC key")
     return NodeCredentials(spiffe_id, key, chain)
+
+
+def save_bundle(data_dir: Path, bundle_pem: bytes) -> None:
+    """Keep the latest trust bundle, so a restart after a CA rotation still trusts the
+    server even when the root it was bootstrapped with has been retired."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_private(data_dir / _BUNDLE, bundle_pem)
+
+
+def load_bundle(data_dir: Path) -> bytes | None:
+    try:
+        return (data_dir / _BUNDLE).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the cached trust bundle in {data_dir}: {exc}") from None
