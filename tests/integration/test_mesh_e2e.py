@@ -383,6 +383,16 @@ def test_a_nacked_configuration_is_logged_and_the_old_one_keeps_serving(clean: M
         assert str(taken) in nacks[-1]  # Envoy's reason names the port it could not bind
         for _ in range(20):  # the previous listeners keep serving
             assert clean.call("GET", "/").status == 200
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{p['http']}/metrics") as resp:
+            metrics = dict(line.rsplit(" ", 1) for line in resp.read().decode().splitlines()
+                           if line.startswith("trustmesh_xds_") or
+                           line.startswith("trustmesh_mesh_revision"))
+        assert float(metrics["trustmesh_xds_nacks"]) >= 1
+        assert float(metrics["trustmesh_xds_streams"]) >= 2  # echo and client sidecars
+        assert float(metrics["trustmesh_xds_acks"]) >= 2
+        assert float(metrics["trustmesh_mesh_revision"]) >= 2
     finally:
         blocker.close()
         clean.apply(clean.registry_yaml())

@@ -328,8 +328,9 @@ def mint_jwt(subject: str, audience: list[str], key: Any, kid: str, now: int,
     """A JWT-SVID: sub, aud, exp, iat; kid and typ JWT in the header; never alg none."""
     import jwt as pyjwt
 
-    alg = "ES384" if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384 \
-        else "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"
+    from trustmesh.spiffe.jwt import algorithm_for
+
+    alg = algorithm_for(key)  # ES256/ES384/ES512 by curve (P-521 signs ES512), RS256 for RSA
     claims = {"sub": subject, "aud": audience if len(audience) > 1 else audience[0],
               "exp": expires, "iat": now}
     return pyjwt.encode(claims, key, algorithm=alg, headers={"kid": kid, "typ": "JWT"})

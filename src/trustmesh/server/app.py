@@ -152,8 +152,8 @@ class ServerIdentity:
 
 async def start_agent_api(config: ServerConfig, ca: CertificateAuthority, issuer: AsyncIssuer,
                           registry: Registry, identity: ServerIdentity,
-                          clock: Clock, mesh: MeshConfigService | None = None
-                          ) -> grpc.aio.Server:
+                          clock: Clock, mesh: MeshConfigService | None = None,
+                          metrics: ServerMetrics | None = None) -> grpc.aio.Server:
     x509pop = None
     if config.x509pop_ca is not None:
         try:
@@ -168,7 +168,9 @@ async def start_agent_api(config: ServerConfig, ca: CertificateAuthority, issuer
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
     agent_pb2_grpc.add_AgentServicer_to_server(api, server)
     if mesh is not None:  # sidecars fetch their Envoy configuration here (ADS over mTLS)
-        add_ads_to_server(server, mesh)
+        ads = add_ads_to_server(server, mesh)
+        if metrics is not None:
+            metrics.track_xds(ads.stats, lambda: mesh.snapshot().revision)
     def credentials(require_client_cert: bool) -> grpc.ServerCredentials:
         seen = {"version": identity.version}
 
@@ -228,7 +230,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
                                           policy=rbac_policy, mesh=mesh), access_log=None)
     identity = ServerIdentity(ca, config.server_svid_ttl)
     agent_server = await start_agent_api(config, ca, issuer, registry, identity, clock,
-                                         mesh=mesh)
+                                         mesh=mesh, metrics=metrics)
     remote: web.AppRunner | None = None
     if config.admin_address:
         def authenticate(request: web.Request) -> Caller:

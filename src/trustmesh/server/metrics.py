@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["ServerMetrics"]
@@ -60,6 +63,22 @@ class ServerMetrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
+
+    def track_xds(self, stats: Any, revision: Callable[[], int]) -> None:
+        """Export the ADS server's counters (read when scraped)."""
+        for name, doc, attr in (
+                ("trustmesh_xds_streams", "Open ADS streams (connected sidecars and gateways).",
+                 "connected"),
+                ("trustmesh_xds_pushes", "ADS responses sent since start.", "pushes"),
+                ("trustmesh_xds_acks", "ADS responses sidecars accepted since start.", "acks"),
+                ("trustmesh_xds_nacks", "ADS responses sidecars rejected since start.",
+                 "nacks")):
+            def read(attr: str = attr) -> float:
+                return float(getattr(stats, attr))
+
+            Gauge(name, doc, registry=self.registry).set_function(read)
+        Gauge("trustmesh_mesh_revision", "Revision of the mesh configuration being served.",
+              registry=self.registry).set_function(lambda: float(revision()))
 
     def update_ca_slots(self, slots: list[tuple[str, str]]) -> None:
         """Show exactly the given (ca_id, state) pairs; retired CAs disappear."""
