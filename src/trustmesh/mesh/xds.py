@@ -133,7 +133,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 if item is _WAKE:
                     if not node_id:
                         continue
-                    config = self._config(node_id, peer)
+                    config = await self._config(node_id, peer)
                     for type_url in _PUSH_ORDER:
                         sub = subs.get(type_url)
                         if sub is not None and config.versions.get(type_url) not in (
@@ -148,7 +148,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                                             "the first request must carry node.id")
                         return
                     try:
-                        self._config(node_id, peer)
+                        await self._config(node_id, peer)
                     except PermissionDenied as exc:
                         log.warning("ADS refused a sidecar", extra={
                             "node": node_id, "peer": peer, "error": str(exc)})
@@ -158,7 +158,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                         await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
                         return
                     log.info("sidecar connected", extra={"node": node_id, "peer": peer})
-                response = self._on_request(node_id, peer, req, subs)
+                response = await self._on_request(node_id, peer, req, subs)
                 if response is not None:
                     yield response
         except TrustmeshError as exc:
@@ -172,10 +172,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             for t in tasks:
                 t.cancel()
 
-    def _config(self, node_id: str, peer: str) -> NodeConfig:
-        return self.source.config_for(node_id, peer)
+    async def _config(self, node_id: str, peer: str) -> NodeConfig:
+        # Compiling a large mesh takes a while; keep the event loop (and the agent API on
+        # the same server) responsive meanwhile. Results are cached per mesh revision.
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.source.config_for, node_id, peer)
 
-    def _on_request(self, node_id: str, peer: str, req: discovery_pb2.DiscoveryRequest,
+    async def _on_request(self, node_id: str, peer: str, req: discovery_pb2.DiscoveryRequest,
                     subs: dict[str, _Subscription]) -> discovery_pb2.DiscoveryResponse | None:
         type_url = req.type_url
         sub = subs.get(type_url)
@@ -197,7 +200,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         if sub is None:
             sub = subs[type_url] = _Subscription()
         sub.names = tuple(req.resource_names)
-        config = self._config(node_id, peer)
+        config = await self._config(node_id, peer)
         return self._response(type_url, config, sub)
 
     def _response(self, type_url: str, config: NodeConfig, sub: _Subscription
