@@ -116,6 +116,7 @@ class OcspResponder:
 
     def __init__(self, identities: Sequence[ResponderIdentity], validity: timedelta,
                  *, cache_size: int = 10000) -> None:
+        self._identities = tuple(identities)
         self._validity = validity
         # Signed answers to nonce-less requests (RFC 5019), reused while the status
         # is unchanged and the answer is young; the status is always looked up anew.
@@ -129,6 +130,15 @@ class OcspResponder:
                 key = (alg.name, _name_hash(ident.ca_certificate, alg),
                        issuer_key_hash(ident.ca_certificate, alg))
                 self._by_hash[key] = ident
+
+    @property
+    def identities(self) -> tuple[ResponderIdentity, ...]:
+        return self._identities
+
+    @property
+    def validity(self) -> timedelta:
+        """How long after thisUpdate a response's nextUpdate lies."""
+        return self._validity
 
     def respond(self, request_der: bytes, lookup: Lookup, now: datetime) -> OcspAnswer:
         """Answer one DER request. Never raises on bad input: it answers malformedRequest."""
