@@ -8,17 +8,21 @@ allowed. AUDIT policies only record. Dry-run policies (``istio.io/dry-run:
 The matching primitives here (:func:`match_string`, :func:`namespace_regex`,
 :func:`host_regex`, :func:`effective_rules`) are the ones the Envoy RBAC
 compiler (``trustmesh.mesh.envoy.rbac``) translates, so ``policy explain``
-and the sidecars decide alike.
+and the sidecars decide alike. Paths are matched as the sidecar's RBAC filter
+sees them (:func:`normalise_path`): the inbound HTTP connection manager
+normalises them before any filter runs.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from trustmesh.errors import InvalidInput
 from trustmesh.policy.mesh_model import (
     AuthorizationPolicy,
     Condition,
@@ -37,6 +41,7 @@ __all__ = [
     "host_regex",
     "match_string",
     "namespace_regex",
+    "normalise_path",
     "tcp_warnings",
 ]
 
@@ -45,19 +50,36 @@ HTTP_ONLY_CONDITION_PREFIX = "request."
 
 @dataclass(frozen=True)
 class AuthzRequest:
+    """A call as the destination's sidecar sees it."""
+
     source_principal: str | None  # the peer's SPIFFE ID; None without mTLS
     source_ip: str = "127.0.0.1"
     remote_ip: str | None = None  # defaults to source_ip (no proxies in front)
     destination_namespace: str = "default"
     destination_labels: Mapping[str, str] = field(default_factory=dict)
     destination_ip: str = "127.0.0.1"
-    destination_port: int = 80
+    destination_port: int = 80  # the application's port (the one policies name)
     protocol: str = "HTTP"  # HTTP or TCP
     host: str = ""
     method: str = "GET"
-    path: str = "/"
+    path: str = "/"  # as the client sent it; normalised for matching (normalise_path)
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     sni: str = ""
+
+    @classmethod
+    def to_workload(cls, workload: Workload, port: int, *, source_principal: str | None,
+                    **fields: Any) -> AuthzRequest:
+        """A request to ``workload``'s application ``port`` (namespace, labels, address and
+        protocol taken from the Workload); ``fields`` set the rest."""
+        match = next((p for p in workload.ports if p.port == port), None)
+        if match is None:
+            raise InvalidInput(f"Workload {workload.meta.namespace}/{workload.meta.name} has "
+                               f"no port {port}", field="port")
+        return cls(source_principal=source_principal,
+                   destination_namespace=workload.meta.namespace,
+                   destination_labels=dict(workload.meta.labels),
+                   destination_ip=workload.address, destination_port=port,
+                   protocol="TCP" if match.protocol == "TCP" else "HTTP", **fields)
 
 
 @dataclass(frozen=True)
@@ -87,6 +109,61 @@ class AuthzDecision:
                 "rule": self.rule, "reason": self.reason, "summary": summary,
                 "audited": [{"policy": m.policy, "rule": m.rule} for m in self.audited],
                 "dry_run": list(self.dry_run), "details": details}
+
+
+# -- the request path the sidecar's RBAC filter sees ------------------------------------
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_HEX = frozenset(string.hexdigits)
+_DOT_WITH_PARAMS = re.compile(r"^(\.\.?);")
+
+
+def _canonical_segment(segment: str) -> str:
+    """Decode escapes of unreserved characters, escape what Envoy's canonicaliser escapes."""
+    out = []
+    i = 0
+    while i < len(segment):
+        c = segment[i]
+        digits = segment[i + 1:i + 3]
+        if c == "%" and len(digits) == 2 and set(digits) <= _HEX:
+            decoded = chr(int(digits, 16))
+            out.append(decoded if decoded in _UNRESERVED else segment[i:i + 3])
+            i += 3
+            continue
+        if ord(c) > 0x7E or c in '"<>{}|^` ' or ord(c) < 0x20:
+            out.append("".join(f"%{b:02X}" for b in c.encode()))
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def normalise_path(path: str) -> str:
+    """The path a trustmesh sidecar's RBAC filter matches for a request line's target.
+
+    The inbound HTTP connection manager normalises before any filter runs
+    (``normalize_path``, ``merge_slashes``, escaped slashes unescaped), and RBAC's
+    ``url_path`` leaves the query out. So: query and fragment dropped (Envoy refuses a
+    fragment; the rest of the target is what counts), ``%2F``/``%5C`` and backslashes
+    become ``/`` (Envoy redirects there), escapes of unreserved characters decoded,
+    ``.``/``..`` segments resolved (RFC 3986 5.2.4; a dot segment with ``;`` parameters
+    counts as one, as in Envoy), then runs of ``/`` merged.
+    """
+    path = path.split("#", 1)[0].split("?", 1)[0]
+    path = re.sub("%(2[fF]|5[cC])", "/", path).replace("\\", "/")
+    segments = path.lstrip("/").split("/") if path not in ("", "/") else []
+    out: list[str] = []
+    for n, raw in enumerate(segments):
+        last = n == len(segments) - 1
+        dotted = _DOT_WITH_PARAMS.match(raw)
+        segment = dotted.group(1) if dotted else _canonical_segment(raw)
+        if segment in (".", ".."):
+            if segment == ".." and out:
+                out.pop()
+            if last:
+                out.append("")
+            continue
+        out.append(segment)
+    return re.sub("/{2,}", "/", "/" + "/".join(out))
 
 
 # -- string matching shared with the RBAC compiler -------------------------------------
@@ -214,7 +291,7 @@ def _operation_matches(o: Operation, r: AuthzRequest) -> bool:
         return False
     if http and o.not_methods is not None and _any(o.not_methods, r.method):
         return False
-    path = r.path.split("?", 1)[0]
+    path = normalise_path(r.path)
     if http and o.paths is not None and not _any(o.paths, path):
         return False
     return not (http and o.not_paths is not None and _any(o.not_paths, path))
