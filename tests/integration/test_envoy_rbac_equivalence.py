@@ -215,8 +215,8 @@ def random_policy(rng: random.Random, name: str, app_port: int) -> dict[str, Any
                                                        {"app": "other"}])}
     doc = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
            "metadata": meta, "spec": spec}
-    if _maybe(rng, 0.08):
-        return doc  # no rules: ALLOW nothing / DENY nothing
+    if spec["action"] != "DENY" and _maybe(rng, 0.08):
+        return doc  # no rules: ALLOW nothing, AUDIT nothing (Istio refuses DENY without)
     rules = []
     for _ in range(rng.randint(1, 2)):
         rule: dict[str, Any] = {}

@@ -122,21 +122,25 @@ def _str_list(ctx: _Path, value: Any, path: str) -> tuple[str, ...] | None:
     for i, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, str | int):
             raise ctx.fail(f"{path}[{i}]", "must be a string")
+        if v == "":
+            raise ctx.fail(f"{path}[{i}]", "must not be an empty string")
         out.append(str(v))
     return tuple(out)
 
 
-def _labels(ctx: _Path, value: Any, path: str) -> Mapping[str, str]:
+def _labels(ctx: _Path, value: Any, path: str, noun: str = "label") -> Mapping[str, str]:
     if value is None:
         return MappingProxyType({})
     if not isinstance(value, Mapping):
-        raise ctx.fail(path, "must be a mapping of label names to values")
+        raise ctx.fail(path, f"must be a mapping of {noun} names to values")
     out = {}
     for k, v in value.items():
         if not isinstance(k, str) or not k:
-            raise ctx.fail(path, f"label name {k!r} must be a non-empty string")
+            raise ctx.fail(path, f"{noun} name {k!r} must be a non-empty string")
         if isinstance(v, bool) or not isinstance(v, str | int | float):
-            raise ctx.fail(f"{path}.{k}", "label value must be a string")
+            # YAML reads an unquoted true or 1 as a boolean or a number
+            raise ctx.fail(f"{path}.{k}", f"{noun} value must be a string (quote it: "
+                           f"{k}: \"{str(v).lower() if isinstance(v, bool) else v}\")")
         out[k] = str(v)
     return MappingProxyType(out)
 
@@ -365,7 +369,7 @@ def _meta(ctx: _Path, value: Any) -> Meta:
     if not isinstance(namespace, str) or not _DNS_LABEL.match(namespace) or len(namespace) > 63:
         raise ctx.fail("metadata.namespace", f"{namespace!r} is not a valid namespace name")
     return Meta(name, namespace, _labels(ctx, m.get("labels"), "metadata.labels"),
-                _labels(ctx, m.get("annotations"), "metadata.annotations"))
+                _labels(ctx, m.get("annotations"), "metadata.annotations", "annotation"))
 
 
 def _selector(ctx: _Path, value: Any, path: str) -> Mapping[str, str] | None:
@@ -514,18 +518,27 @@ def _authorization_policy(ctx: _Path, doc: dict[str, Any], meta: Meta) -> Author
                 sources = []
                 for j, f in enumerate(_rules_list(ctx, rd["from"], f"{rp}.from")):
                     fd = _mapping(ctx, f, f"{rp}.from[{j}]", ("source",))
-                    if fd.get("source") is None:
-                        raise ctx.fail(f"{rp}.from[{j}].source", "is required")
-                    sources.append(_source(ctx, fd["source"], f"{rp}.from[{j}].source"))
+                    if not fd.get("source"):
+                        raise ctx.fail(f"{rp}.from[{j}].source", "must name at least one "
+                                       "field (Istio refuses a missing or empty source)")
+                    source = _source(ctx, fd["source"], f"{rp}.from[{j}].source")
+                    if source == Source():
+                        raise ctx.fail(f"{rp}.from[{j}].source", "must name at least one "
+                                       "field (Istio refuses a missing or empty source)")
+                    sources.append(source)
             operations = None
             if "to" in rd:
                 operations = []
                 for j, t in enumerate(_rules_list(ctx, rd["to"], f"{rp}.to")):
                     td = _mapping(ctx, t, f"{rp}.to[{j}]", ("operation",))
-                    if td.get("operation") is None:
-                        raise ctx.fail(f"{rp}.to[{j}].operation", "is required")
-                    operations.append(_operation(ctx, td["operation"],
-                                                 f"{rp}.to[{j}].operation"))
+                    if not td.get("operation"):
+                        raise ctx.fail(f"{rp}.to[{j}].operation", "must name at least one "
+                                       "field (Istio refuses a missing or empty operation)")
+                    operation = _operation(ctx, td["operation"], f"{rp}.to[{j}].operation")
+                    if operation == Operation():
+                        raise ctx.fail(f"{rp}.to[{j}].operation", "must name at least one "
+                                       "field (Istio refuses a missing or empty operation)")
+                    operations.append(operation)
             conditions: tuple[Condition, ...] = ()
             if "when" in rd:
                 conditions = tuple(_condition(ctx, c, f"{rp}.when[{j}]") for j, c in
@@ -533,6 +546,9 @@ def _authorization_policy(ctx: _Path, doc: dict[str, Any], meta: Meta) -> Author
             rules.append(Rule(tuple(sources) if sources is not None else None,
                               tuple(operations) if operations is not None else None,
                               conditions))
+    if action == "DENY" and not rules:
+        raise ctx.fail("spec.rules", "a DENY policy without rules would never match; add "
+                       "`rules: [{}]` to deny every request")
     dry = meta.annotations.get(DRY_RUN_ANNOTATION)
     if dry is not None and dry not in ("true", "false"):
         raise ctx.fail(f"metadata.annotations.{DRY_RUN_ANNOTATION}",
