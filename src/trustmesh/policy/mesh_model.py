@@ -10,6 +10,7 @@ the offending field.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -584,6 +585,16 @@ def _peer_authentication(ctx: _Path, doc: dict[str, Any], meta: Meta) -> PeerAut
     return PeerAuthentication(meta, selector, mode, MappingProxyType(ports), doc)
 
 
+def _service_ref(ctx: _Path, value: Any, path: str) -> str:
+    """``name`` (the Workload's namespace) or ``namespace/name``."""
+    ref = _string(ctx, value, path)
+    namespace, _, name = ref.rpartition("/")
+    if (namespace and not _DNS_LABEL.match(namespace)) or not _NAME.match(name):
+        raise ctx.fail(path, f"{ref!r} is not a Service name (\"name\" or "
+                       "\"namespace/name\")")
+    return ref
+
+
 def _workload(ctx: _Path, doc: dict[str, Any], meta: Meta) -> Workload:
     spec = _mapping(ctx, doc.get("spec"), "spec", ("serviceAccount", "spiffeId", "address",
                                                    "ports", "upstreams"))
@@ -630,7 +641,7 @@ def _workload(ctx: _Path, doc: dict[str, Any], meta: Meta) -> Workload:
     for i, u in enumerate(spec.get("upstreams") or []):
         up = f"spec.upstreams[{i}]"
         ud = _mapping(ctx, u, up, ("service", "port", "localPort"))
-        upstreams.append(Upstream(_string(ctx, ud.get("service"), f"{up}.service"),
+        upstreams.append(Upstream(_service_ref(ctx, ud.get("service"), f"{up}.service"),
                                   _port(ctx, ud.get("port"), f"{up}.port"),
                                   _port(ctx, ud.get("localPort"), f"{up}.localPort")))
     if len({u.local_port for u in upstreams}) != len(upstreams):
@@ -689,8 +700,8 @@ def _gateway(ctx: _Path, doc: dict[str, Any], meta: Meta) -> Gateway:
             prefix = rd.get("pathPrefix", "/")
             if not isinstance(prefix, str) or not prefix.startswith("/"):
                 raise ctx.fail(f"{rp}.pathPrefix", "must start with '/'")
-            routes.append(GatewayRoute(prefix, _string(ctx, rd.get("service"),
-                                                       f"{rp}.service"),
+            routes.append(GatewayRoute(prefix, _service_ref(ctx, rd.get("service"),
+                                                            f"{rp}.service"),
                                        _port(ctx, rd.get("port"), f"{rp}.port")))
         servers.append(GatewayServer(port, hosts, str(mode), tuple(routes)))
     if len({s.port for s in servers}) != len(servers):
@@ -716,8 +727,13 @@ def _decode(doc: Any, prefix: str) -> MeshResource:
     if version not in _KINDS[kind]:
         raise ctx.fail("apiVersion", f"{kind} needs apiVersion {' or '.join(_KINDS[kind])}, "
                        f"not {version!r}")
+    raw_meta = doc.get("metadata")
+    if isinstance(raw_meta, Mapping) and isinstance(raw_meta.get("name"), str):
+        # name the resource in every message, metadata's own included
+        ns = raw_meta.get("namespace", "default")
+        ctx.prefix = f"{prefix} ({kind} {ns}/{raw_meta['name']})"
     _mapping(ctx, doc, "", ("apiVersion", "kind", "metadata", "spec", "status"))
-    meta = _meta(ctx, doc.get("metadata"))
+    meta = _meta(ctx, raw_meta)
     ctx.prefix = f"{prefix} ({kind} {meta.namespace}/{meta.name})"
     canonical = {"apiVersion": version, "kind": kind,
                  "metadata": {k: v for k, v in (
@@ -766,8 +782,8 @@ def resource_key(r: MeshResource) -> tuple[str, str, str]:
 
 
 def dump_resource(r: MeshResource) -> dict[str, Any]:
-    """The canonical document (loads back to an equal resource)."""
-    return dict(r.raw)
+    """The canonical document (loads back to an equal resource); the caller's to keep."""
+    return copy.deepcopy(dict(r.raw))
 
 
 def canonical_kind(kind: str) -> str:
