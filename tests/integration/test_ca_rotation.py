@@ -42,14 +42,15 @@ def slots(srv: ServerProcess) -> list[dict[str, Any]]:
     return list(srv.cli_json("ca", "show")["slots"])
 
 
-def wait_until(what: str, fn: Callable[[], Any], timeout: float) -> Any:
+def wait_until(what: str, fn: Callable[[], Any], timeout: float,
+               logs: Callable[[], str] | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = fn()
         if value:
             return value
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{logs()}" if logs else ""))
 
 
 def bundle_roots(srv: ServerProcess) -> list[x509.Certificate]:
@@ -94,6 +95,7 @@ def test_the_next_ca_is_published_before_it_signs_and_the_old_one_stays_until_ex
                      "--spiffe-id", "spiffe://example.org/app", "--x509-svid-ttl", "10s",
                      "--selector", f"unix:uid:{os.getuid()}")
         agent = AgentProcess(srv, base, tok).start()
+        agent_log = agent.log_path
         client = WorkloadApiClient(socket_path=f"unix://{agent.socket}")
 
         # 1. At half-life the next CA is prepared and published, and signs nothing yet.
@@ -190,7 +192,8 @@ def test_the_next_ca_is_published_before_it_signs_and_the_old_one_stays_until_ex
         wait_until("the workload bundle without the old root", lambda: len(
             client.fetch_x509_context().x509_bundle_set.get_bundle_for_trust_domain(  # type: ignore[attr-defined]
                 client.fetch_x509_context().default_svid.spiffe_id.trust_domain  # type: ignore[attr-defined]
-            ).x509_authorities) == 1, 20)
+            ).x509_authorities) == 1, 30,
+            logs=lambda: agent_log.read_text(errors="replace")[-4000:])
         health = httpx.get(f"http://127.0.0.1:{agent.health}/healthz").json()
         assert health["server_reachable"] is True
         metrics = httpx.get(f"{srv.base_url}/metrics").text

@@ -49,9 +49,8 @@ from envoy.config.core.v3 import (
     extension_pb2,
     substitution_format_string_pb2,
 )
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
-from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -278,11 +277,8 @@ def _has_tls_inspector(listener: listener_pb2.Listener) -> bool:
 
 
 def _with_file_tls_and_log(listener: listener_pb2.Listener, base: Path, log: Path) -> None:
-    if not _has_tls_inspector(listener):
-        # Envoy learns the SNI (connection.sni) from this listener filter only; see
-        # test_strict_inbound_listeners_read_the_sni below.
-        listener.listener_filters.append(listener_components_pb2.ListenerFilter(
-            name=TLS_INSPECTOR, typed_config=_packed(tls_inspector_pb2.TlsInspector())))
+    # Envoy learns the SNI (connection.sni) from this listener filter only
+    assert _has_tls_inspector(listener), listener.name
     chain = listener.filter_chains[0]
     ctx = tls_pb2.DownstreamTlsContext()
     chain.transport_socket.typed_config.Unpack(ctx)
@@ -644,9 +640,6 @@ def test_expired_and_foreign_client_certificates_are_refused(world: dict[str, An
     assert status in (200, 403)  # a current SVID completes the handshake
 
 
-@pytest.mark.xfail(strict=False, reason="compile_listeners adds the TLS inspector to PERMISSIVE "
-                   "listeners only; without it Envoy never learns the SNI, so connection.sni "
-                   "conditions cannot match on STRICT ports (explain says they do)")
 def test_strict_inbound_listeners_read_the_sni() -> None:
     plan = SidecarPlan(node_id="default/echo", spiffe_id="unused", address="127.0.0.1",
                        inbound=(InboundPort(8080, 15080, "HTTP", "STRICT"),

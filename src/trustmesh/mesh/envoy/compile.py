@@ -219,15 +219,18 @@ def _inbound_listener(plan: SidecarPlan, port: InboundPort) -> listener_pb2.List
     listener = listener_pb2.Listener(name=f"inbound|{port.sidecar_port}",
                                      address=_address(plan.address, port.sidecar_port))
     mode = port.mtls_mode
+    if mode in ("STRICT", "PERMISSIVE"):
+        # The TLS inspector reads the SNI (connection.sni conditions, requested_server_name
+        # in RBAC) and, on PERMISSIVE ports, tells TLS clients from plaintext ones.
+        listener.listener_filters.append(listener_components_pb2.ListenerFilter(
+            name="envoy.filters.listener.tls_inspector",
+            typed_config=_any(tls_inspector_pb2.TlsInspector())))
     if mode == "STRICT":
         listener.filter_chains.append(_inbound_chain(plan, port, tls=True))
     elif mode == "DISABLE":
         listener.filter_chains.append(_inbound_chain(plan, port, tls=False))
     elif mode == "PERMISSIVE":
         # TLS clients get mTLS; plaintext clients get the same app without an identity.
-        listener.listener_filters.append(listener_components_pb2.ListenerFilter(
-            name="envoy.filters.listener.tls_inspector",
-            typed_config=_any(tls_inspector_pb2.TlsInspector())))
         tls_chain = _inbound_chain(plan, port, tls=True)
         tls_chain.filter_chain_match.transport_protocol = "tls"
         listener.filter_chains.append(tls_chain)
