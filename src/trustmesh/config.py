@@ -153,6 +153,10 @@ class ServerConfig(BaseModel):
     upstream_ca_key_passphrase_file: Path | None = None
     # Signing processes for issuance; None = one per core (none on a single core).
     signing_workers: int | None = Field(default=None, ge=0, le=64)
+    # OCSP responder processes sharing http_address (SO_REUSEPORT); other routes are
+    # forwarded to the server. None = one per core (none on a single core); 0 = OCSP is
+    # answered in the server process.
+    ocsp_workers: int | None = Field(default=None, ge=0, le=64)
     # Namespace whose mesh policies (AuthorizationPolicy, PeerAuthentication) are mesh-wide.
     mesh_root_namespace: str = "istio-system"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -87,6 +87,10 @@ def _server_options(fn: Any) -> Any:
                      envvar="TRUSTMESH_SIGNING_WORKERS",
                      help="Processes that sign certificates; 0 signs in the server process  "
                           "[default: one per core]"),
+        click.option("--ocsp-workers", type=click.IntRange(0, 64),
+                     envvar="TRUSTMESH_OCSP_WORKERS",
+                     help="OCSP responder processes sharing --http-address; 0 answers OCSP "
+                          "in the server process  [default: one per core]"),
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
                      envvar="TRUSTMESH_LOG_LEVEL", help="[default: info]"),
         click.option("--log-format", type=click.Choice(["json", "text"]),

@@ -33,6 +33,7 @@ from trustmesh.server.http import build_public_app
 from trustmesh.server.issuance import AsyncIssuer, default_worker_count
 from trustmesh.server.mesh_config import MeshConfigService
 from trustmesh.server.metrics import ServerMetrics
+from trustmesh.server.ocsp_workers import OcspWorkers, default_ocsp_workers
 from trustmesh.server.rbac_store import RbacPolicyStore
 from trustmesh.server.registry import Registry
 from trustmesh.spiffe.ids import TrustDomain
@@ -220,7 +221,15 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
                else default_worker_count())
     issuer = AsyncIssuer(ca, workers, pool_allowed=ca.keys.name != "pkcs11")
     await issuer.start()
-    public = web.AppRunner(build_public_app(ca, metrics), access_log=None)
+    ocsp_count = (config.ocsp_workers if config.ocsp_workers is not None
+                  else default_ocsp_workers())
+    ocsp_workers = OcspWorkers(
+        ocsp_count, address=config.http_address, datastore_url=config.datastore_url,
+        data_dir=config.data_dir, metrics=metrics, log_level=config.log_level,
+        log_format=config.log_format) if ocsp_count else None
+    public = web.AppRunner(build_public_app(
+        ca, metrics, before_scrape=ocsp_workers.collect if ocsp_workers else None),
+        access_log=None)
     registry = Registry(ca.store, TrustDomain.parse(config.trust_domain), clock)
     rbac_policy = RbacPolicyStore(ca.store)
     mesh = MeshConfigService(ca.store, config.trust_domain,
@@ -263,11 +272,16 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
     host, _, port = config.http_address.rpartition(":")
     host = host.strip("[]")
     try:
-        await web.TCPSite(public, host, int(port), reuse_address=True).start()
-    except OSError as exc:
+        if ocsp_workers is not None:  # they hold the port and pass other routes to `public`
+            await ocsp_workers.start(public, lambda: ca.ocsp_responder)
+        else:
+            await web.TCPSite(public, host, int(port), reuse_address=True).start()
+    except (OSError, ConfigError) as exc:
         await public.cleanup()
         await admin.cleanup()
         await issuer.close()
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"cannot listen on {config.http_address}: {exc.strerror}",
                           field="http_address") from None
     sock_path = config.admin_socket
@@ -278,6 +292,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
     finally:
         os.umask(old_umask)
     os.chmod(sock_path, 0o600)
+    if ocsp_workers is not None:
+        ocsp_workers.open()
     log.info(
         "server ready",
         extra={"trust_domain": config.trust_domain, "http": f"http://{config.http_address}",
@@ -285,6 +301,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
                "ca_id": ca.ca_id, "crl_url": ca.authority.urls.crl_url,
                "ocsp_url": ca.authority.urls.ocsp_url,
                "signing_workers": issuer.pool.workers if issuer.pool else 0,
+               "ocsp_workers": ocsp_count,
                "agent_api": config.bind_address, "attest_api": config.attest_address,
                "remote_admin_api": config.admin_address},
     )
@@ -316,6 +333,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
         await agent_server.stop(grace=2)
         if remote is not None:
             await remote.cleanup()
+        if ocsp_workers is not None:
+            await ocsp_workers.close()
         await public.cleanup()
         await admin.cleanup()
         await issuer.close()

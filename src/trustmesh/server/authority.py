@@ -645,6 +645,12 @@ class CertificateAuthority:
         """The active CA's OCSP responder certificate."""
         return self._responders[self.ca_id].certificate
 
+    @property
+    def ocsp_responder(self) -> OcspResponder:
+        """The OCSP responder in use: replaced, never changed, when responders rotate
+        (the responder processes reload when it is a different object)."""
+        return self._ocsp
+
     def ocsp(self, request_der: bytes) -> OcspAnswer:
         return self._ocsp.respond(request_der, self._status_lookup, self.clock.now())
 

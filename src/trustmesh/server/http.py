@@ -23,7 +23,10 @@ _MAX_OCSP_REQUEST = 16 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_public_app(ca: CertificateAuthority, metrics: ServerMetrics) -> web.Application:
+def build_public_app(ca: CertificateAuthority, metrics: ServerMetrics, *,
+                     before_scrape: Callable[[], None] | None = None) -> web.Application:
+    """The public routes. ``before_scrape`` runs before /metrics is rendered (the OCSP
+    responder processes add their counts there)."""
     app = web.Application(client_max_size=_MAX_OCSP_REQUEST)
 
     def timed(route: str, handler: Handler) -> Handler:
@@ -42,6 +45,8 @@ def build_public_app(ca: CertificateAuthority, metrics: ServerMetrics) -> web.Ap
         return web.json_response({"status": "ok", "ca_id": ca.ca_id})
 
     async def metrics_handler(_: web.Request) -> web.Response:
+        if before_scrape is not None:
+            before_scrape()
         return web.Response(body=generate_latest(metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
