@@ -14,8 +14,10 @@ Resource names (the contract SPIRE's SDS established, so its Envoy configs work)
   validator (one trust domain per bundle);
 - ``spiffe://td``: that trust domain's bundle as ``trusted_ca``.
 
-Responses are built by :func:`build_secrets` (pure); the stream handlers only
-attest, wait for changes and send. A rotation pushes new secrets on every open
+Deciding is pure: :func:`build_secrets` turns what a caller is entitled to into
+``Secret`` messages, :class:`SotwState` and :class:`DeltaState` follow the xDS
+request/ACK/NACK exchange of one stream. The grpclib handlers only attest, feed
+them, wait for changes and send. A rotation pushes new secrets on every open
 stream; Envoy swaps them in without dropping connections.
 """
 
@@ -23,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -45,13 +49,16 @@ from grpclib.server import Stream
 
 from trustmesh.agent.attest.unix import attest_unix
 from trustmesh.agent.cache import CachedSvid
-from trustmesh.errors import PermissionDenied, TrustmeshError
+from trustmesh.errors import InvalidInput, PermissionDenied
 from trustmesh.log import get_logger
+from trustmesh.spiffe.ids import SpiffeId
 
 if TYPE_CHECKING:
     from trustmesh.agent.app import Agent
 
-__all__ = ["SECRET_TYPE", "SecretDiscovery", "build_secrets", "secrets_version"]
+__all__ = ["ALL_BUNDLES", "DEFAULT_SVID", "ROOT_BUNDLE", "SECRET_TYPE", "DeltaState",
+           "RequestKind", "SecretDiscovery", "SotwState", "build_secrets", "secret_version",
+           "secrets_version"]
 
 log = get_logger("trustmesh.agent.sds")
 
@@ -59,11 +66,13 @@ SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Sec
 DEFAULT_SVID = "default"
 ROOT_BUNDLE = "ROOTCA"
 ALL_BUNDLES = "ALL"
-_RECHECK = 5.0
+SPIFFE_VALIDATOR = "envoy.tls.cert_validator.spiffe"
+_RECHECK = 5.0  # seconds between re-checks of a stream even without a change event
 _END = object()  # the client closed its side of the stream
 _SERVICE = "/envoy.service.secret.v3.SecretDiscoveryService"
 
 
+# -- secrets (pure) ----------------------------------------------------------------------
 def _pem(certs: Sequence[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
@@ -91,61 +100,161 @@ def _spiffe_validator(name: str, bundles: Mapping[str, Sequence[x509.Certificate
     packed.Pack(config)
     return secret_pb2.Secret(name=name, validation_context=common_pb2.CertificateValidationContext(
         custom_validator_config=extension_pb2.TypedExtensionConfig(
-            name="envoy.tls.cert_validator.spiffe", typed_config=packed)))
+            name=SPIFFE_VALIDATOR, typed_config=packed)))
 
 
 def build_secrets(names: Sequence[str], svids: Sequence[CachedSvid],
                   bundles: Mapping[str, Sequence[x509.Certificate]],
-                  own_trust_domain: str) -> list[secret_pb2.Secret]:
-    """The secrets named in an SDS request, for a caller entitled to ``svids`` and
-    ``bundles`` (trust domain name -> roots). PermissionDenied names what it may not
-    have."""
+                  own_trust_domain: str, pending: Collection[str] = ()
+                  ) -> list[secret_pb2.Secret]:
+    """The secrets named in an SDS request, in request order, for a caller entitled to
+    ``svids`` (issued, default first) and ``bundles`` (trust domain name -> roots).
+
+    ``pending`` holds the SPIFFE IDs the caller is entitled to whose SVID is not issued
+    yet: names waiting for one are left out (ask again after the next change). A name the
+    caller may not have raises PermissionDenied naming it; a malformed one InvalidInput.
+    """
     out = []
     by_id: dict[str, CachedSvid] = {}
     for s in svids:
         by_id.setdefault(s.spiffe_id, s)
     for name in names:
         if name == DEFAULT_SVID:
-            if not svids:
+            if svids:
+                out.append(_tls_certificate(name, svids[0]))
+            elif not pending:
                 raise PermissionDenied("no identity issued: no registration entry matches "
                                        "this caller")
-            out.append(_tls_certificate(name, svids[0]))
         elif name == ROOT_BUNDLE:
             out.append(_trusted_ca(name, bundles.get(own_trust_domain, ())))
         elif name == ALL_BUNDLES:
             out.append(_spiffe_validator(name, bundles))
         elif name.startswith("spiffe://"):
-            rest = name[len("spiffe://"):]
-            td, _, path = rest.partition("/")
-            if not path:
-                if td not in bundles:
-                    raise PermissionDenied(f"no bundle for trust domain {td} for this caller")
-                out.append(_trusted_ca(name, bundles[td]))
+            sid = SpiffeId.parse(name)
+            if sid.is_trust_domain_id:
+                roots = bundles.get(sid.trust_domain.name)
+                if not roots:
+                    raise PermissionDenied(f"no bundle for trust domain {sid.trust_domain} "
+                                           "for this caller")
+                out.append(_trusted_ca(name, roots))
             elif name in by_id:
                 out.append(_tls_certificate(name, by_id[name]))
-            else:
+            elif name not in pending:
                 raise PermissionDenied(f"this caller is not entitled to the identity {name}")
         else:
-            raise PermissionDenied(f"unknown SDS resource {name!r}: ask for 'default', "
-                                   "'ROOTCA', 'ALL', a SPIFFE ID or a trust domain ID")
+            raise InvalidInput(f"unknown SDS resource {name!r}: ask for 'default', "
+                               "'ROOTCA', 'ALL', a SPIFFE ID or a trust domain ID")
     return out
 
 
+def secret_version(secret: secret_pb2.Secret) -> str:
+    """A version that changes exactly when the secret's content does."""
+    return hashlib.sha256(secret.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
 def secrets_version(secrets: Sequence[secret_pb2.Secret]) -> str:
+    """The version of a state-of-the-world response holding ``secrets``."""
     digest = hashlib.sha256()
     for s in secrets:
         digest.update(s.SerializeToString(deterministic=True))
     return digest.hexdigest()[:16]
 
 
-def _secret_version(secret: secret_pb2.Secret) -> str:
-    return hashlib.sha256(secret.SerializeToString(deterministic=True)).hexdigest()[:16]
+# -- one stream's protocol state (pure) ------------------------------------------------
+class RequestKind(enum.Enum):
+    SUBSCRIBE = "subscribe"  # first request or new names: answer it
+    ACK = "ack"  # Envoy applied the last response
+    NACK = "nack"  # Envoy rejected the last response; keep serving, say so in the log
+    STALE = "stale"  # answers a response older than the last one sent: ignore it
 
 
+@dataclass
+class SotwState:
+    """What a StreamSecrets (state of the world) stream asked for and was sent."""
+
+    names: tuple[str, ...] = ()
+    sent_version: str = ""
+    nonce: str = ""
+    acked_version: str = ""
+
+    def on_request(self, names: Sequence[str], response_nonce: str, error: bool
+                   ) -> RequestKind:
+        if response_nonce and response_nonce != self.nonce:
+            return RequestKind.STALE
+        if response_nonce and error:
+            return RequestKind.NACK
+        if response_nonce and tuple(names) == self.names:
+            self.acked_version = self.sent_version
+            return RequestKind.ACK
+        self.names = tuple(names)
+        return RequestKind.SUBSCRIBE
+
+    def needs_push(self, version: str) -> bool:
+        """After a change: push only when what this stream serves is different."""
+        return bool(self.names) and version != self.sent_version
+
+    def sent(self, version: str, nonce: str) -> None:
+        self.sent_version, self.nonce = version, nonce
+
+
+@dataclass
+class DeltaState:
+    """What a DeltaSecrets (incremental) stream subscribes to and which versions it holds."""
+
+    subscribed: set[str] = field(default_factory=set)
+    known: dict[str, str] = field(default_factory=dict)  # name -> version the client has
+
+    def on_request(self, subscribe: Sequence[str], unsubscribe: Sequence[str],
+                   initial_versions: Mapping[str, str]) -> None:
+        self.known.update(initial_versions)  # a reconnecting client says what it kept
+        self.subscribed |= set(subscribe)
+        for name in unsubscribe:
+            self.subscribed.discard(name)
+            self.known.pop(name, None)
+
+    def updates(self, secrets: Sequence[secret_pb2.Secret]
+                ) -> list[tuple[str, str, secret_pb2.Secret]]:
+        """(name, version, secret) for each secret the client does not hold yet; from
+        then on it counts as held (a NACK is logged, not retried with the same bytes)."""
+        out = []
+        for s in secrets:
+            if s.name not in self.subscribed:
+                continue
+            version = secret_version(s)
+            if self.known.get(s.name) != version:
+                self.known[s.name] = version
+                out.append((s.name, version, s))
+        return out
+
+
+# -- the gRPC service (IO) -----------------------------------------------------------------
 def _pack(secret: secret_pb2.Secret) -> any_pb2.Any:
     out = any_pb2.Any()
     out.Pack(secret)
     return out
+
+
+@dataclass(frozen=True)
+class _Grant:
+    """What one attested caller may have right now."""
+
+    svids: list[CachedSvid]
+    pending: frozenset[str]
+    bundles: dict[str, Sequence[x509.Certificate]]
+    trust_domain: str
+
+    @property
+    def spiffe_ids(self) -> list[str]:
+        return [s.spiffe_id for s in self.svids] + sorted(self.pending)
+
+    def secrets(self, names: Sequence[str]) -> list[secret_pb2.Secret]:
+        try:
+            return build_secrets(names, self.svids, self.bundles, self.trust_domain,
+                                 self.pending)
+        except InvalidInput as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
+        except PermissionDenied as exc:
+            raise GRPCError(Status.PERMISSION_DENIED, str(exc)) from None
 
 
 class SecretDiscovery:
@@ -166,24 +275,21 @@ class SecretDiscovery:
             raise GRPCError(Status.PERMISSION_DENIED, str(exc)) from None
 
     def _bundles(self) -> dict[str, Sequence[x509.Certificate]]:
+        # Federated bundles join this mapping (trust domain -> roots) once the agent has them.
         return {self._own_td(): self.agent.roots}
 
     def _own_td(self) -> str:
         node = self.agent.node
-        if node is None:
-            return ""
-        return node.spiffe_id[len("spiffe://"):].split("/", 1)[0]
+        return SpiffeId.parse(node.spiffe_id).trust_domain.name if node else ""
 
-    def _secrets(self, selectors: frozenset[str], names: Sequence[str]
-                 ) -> list[secret_pb2.Secret]:
-        svids = self.agent.cache.svids_for(selectors, time.time())
-        if not svids and not self.agent.cache.match(selectors):
+    def _grant(self, selectors: frozenset[str]) -> _Grant:
+        entries = self.agent.cache.match(selectors)
+        if not entries:
             raise GRPCError(Status.PERMISSION_DENIED,
                             "no identity issued: no registration entry matches this caller")
-        try:
-            return build_secrets(names, svids, self._bundles(), self._own_td())
-        except TrustmeshError as exc:
-            raise GRPCError(Status.PERMISSION_DENIED, str(exc)) from None
+        svids = self.agent.cache.svids_for(selectors, time.time())
+        pending = frozenset(e.spiffe_id for e in entries) - {s.spiffe_id for s in svids}
+        return _Grant(svids, pending, self._bundles(), self._own_td())
 
     # -- stream plumbing -------------------------------------------------------------------
     async def _events(self, stream: Stream[Any, Any]) -> AsyncIterator[Any | None]:
@@ -220,44 +326,53 @@ class SecretDiscovery:
             self.open_streams -= 1
             reader.cancel()
 
+    def _log_nack(self, grant: _Grant, names: Sequence[str], version: str, message: str,
+                  form: str) -> None:
+        log.warning("Envoy rejected the secrets it was sent", extra={
+            "spiffe_id": ",".join(grant.spiffe_ids), "names": ",".join(names),
+            "version": version, "stream": form, "error": message[:2000]})
+
     # -- state of the world --------------------------------------------------------------
     async def StreamSecrets(self, stream: Stream[discovery_pb2.DiscoveryRequest,  # noqa: N802
                                                  discovery_pb2.DiscoveryResponse]) -> None:
         selectors = self._selectors(stream)
-        names: tuple[str, ...] = ()
-        sent_version = ""
-        nonce = ""
+        state = SotwState()
         async for req in self._events(stream):
-            if req is not None:
-                if req.response_nonce and req.response_nonce != nonce:
-                    continue  # answers an older response
-                if req.HasField("error_detail"):
-                    log.warning("Envoy rejected secrets", extra={
-                        "names": list(names), "version": sent_version,
-                        "error": req.error_detail.message[:2000]})
-                    continue
-                if req.response_nonce and tuple(req.resource_names) == names:
-                    continue  # ACK
-                names = tuple(req.resource_names)
-            else:
+            if req is None:
                 selectors = self._selectors(stream)  # the process may have changed
-            if not names:
+                answer = False
+            else:
+                kind = state.on_request(req.resource_names, req.response_nonce,
+                                        req.HasField("error_detail"))
+                if kind is RequestKind.NACK:
+                    self._log_nack(self._grant(selectors), state.names, state.sent_version,
+                                   req.error_detail.message, "sotw")
+                if kind is not RequestKind.SUBSCRIBE:
+                    continue
+                answer = True
+            if not state.names:
                 continue
-            secrets = self._secrets(selectors, names)
+            secrets = self._grant(selectors).secrets(state.names)
+            if len(secrets) < len(state.names):
+                continue  # an SVID is not issued yet; its arrival is a change
             version = secrets_version(secrets)
-            if version == sent_version and req is None:
-                continue  # a change elsewhere; nothing new for this stream
-            sent_version = version
+            if not answer and not state.needs_push(version):
+                continue
             nonce = str(next(self._nonces))
             await stream.send_message(discovery_pb2.DiscoveryResponse(
                 version_info=version, type_url=SECRET_TYPE, nonce=nonce,
                 resources=[_pack(s) for s in secrets]))
+            state.sent(version, nonce)
 
     async def FetchSecrets(self, stream: Stream[discovery_pb2.DiscoveryRequest,  # noqa: N802
                                                 discovery_pb2.DiscoveryResponse]) -> None:
         req = await stream.recv_message()
         assert req is not None
-        secrets = self._secrets(self._selectors(stream), tuple(req.resource_names))
+        names = tuple(req.resource_names)
+        secrets = self._grant(self._selectors(stream)).secrets(names)
+        if len(secrets) < len(names):
+            raise GRPCError(Status.UNAVAILABLE, "an SVID named in the request is not issued "
+                            "yet; try again shortly")
         await stream.send_message(discovery_pb2.DiscoveryResponse(
             version_info=secrets_version(secrets), type_url=SECRET_TYPE,
             nonce=str(next(self._nonces)), resources=[_pack(s) for s in secrets]))
@@ -266,35 +381,28 @@ class SecretDiscovery:
     async def DeltaSecrets(self, stream: Stream[discovery_pb2.DeltaDiscoveryRequest,  # noqa: N802
                                                 discovery_pb2.DeltaDiscoveryResponse]) -> None:
         selectors = self._selectors(stream)
-        subscribed: set[str] = set()
-        known: dict[str, str] = {}  # name -> version the client has
+        state = DeltaState()
         async for req in self._events(stream):
-            if req is not None:
-                if req.HasField("error_detail"):
-                    log.warning("Envoy rejected secrets (delta)", extra={
-                        "error": req.error_detail.message[:2000]})
-                    continue
-                for name, version in req.initial_resource_versions.items():
-                    known[name] = version
-                subscribed |= set(req.resource_names_subscribe)
-                for name in req.resource_names_unsubscribe:
-                    subscribed.discard(name)
-                    known.pop(name, None)
-            else:
+            if req is None:
                 selectors = self._selectors(stream)
-            secrets = self._secrets(selectors, sorted(subscribed))
-            fresh = []
-            for s in secrets:
-                v = _secret_version(s)
-                if known.get(s.name) != v:
-                    known[s.name] = v
-                    fresh.append(discovery_pb2.Resource(name=s.name, version=v,
-                                                        resource=_pack(s)))
-            if not fresh:
+            else:
+                if req.HasField("error_detail"):
+                    self._log_nack(self._grant(selectors), sorted(state.subscribed),
+                                   req.response_nonce, req.error_detail.message, "delta")
+                    continue
+                state.on_request(req.resource_names_subscribe, req.resource_names_unsubscribe,
+                                 req.initial_resource_versions)
+            grant = self._grant(selectors)
+            secrets = grant.secrets(sorted(state.subscribed))
+            updates = state.updates(secrets)
+            if not updates:
                 continue
             await stream.send_message(discovery_pb2.DeltaDiscoveryResponse(
-                type_url=SECRET_TYPE, nonce=str(next(self._nonces)), resources=fresh,
-                system_version_info=secrets_version(secrets)))
+                type_url=SECRET_TYPE, nonce=str(next(self._nonces)),
+                system_version_info=secrets_version(secrets),
+                resources=[discovery_pb2.Resource(name=name, version=version,
+                                                  resource=_pack(secret))
+                           for name, version, secret in updates]))
 
     def __mapping__(self) -> dict[str, Handler]:
         return {

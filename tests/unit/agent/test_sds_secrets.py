@@ -12,8 +12,8 @@ from cryptography.x509.oid import NameOID
 from envoy.extensions.transport_sockets.tls.v3 import tls_spiffe_validator_config_pb2 as spiffe
 
 from trustmesh.agent.cache import CachedSvid
-from trustmesh.agent.sds import build_secrets, secrets_version
-from trustmesh.errors import PermissionDenied
+from trustmesh.agent.sds import build_secrets, secret_version, secrets_version
+from trustmesh.errors import InvalidInput, PermissionDenied
 
 
 def _cert(uri: str | None, ca: bool) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -49,7 +49,8 @@ def test_default_is_the_first_identity_with_chain_and_key() -> None:
     assert chain == list(WEB.chain)
     key = serialization.load_pem_private_key(secret.tls_certificate.private_key.inline_bytes,
                                              None)
-    assert key.public_key().public_numbers() == WEB.key.public_key().public_numbers()
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert key.public_key().public_bytes(*spki) == WEB.key.public_key().public_bytes(*spki)
 
 
 def test_named_identity_root_bundle_and_trust_domain_bundle() -> None:
@@ -79,7 +80,6 @@ def test_all_is_the_spiffe_validator_with_one_trust_domain_per_bundle() -> None:
                                             "spiffe://example.org/admin"),
     (["default"], [], "no identity issued"),
     (["spiffe://other.org"], [WEB], "no bundle for trust domain other.org"),
-    (["secret-sauce"], [WEB], "unknown SDS resource 'secret-sauce'"),
 ])
 def test_refusals_name_what_was_refused(names: list[str], svids: list[CachedSvid],
                                         message: str) -> None:
@@ -93,3 +93,51 @@ def test_version_follows_content() -> None:
     assert secrets_version(a) == secrets_version(
         build_secrets(["default", "ALL"], [WEB], BUNDLES, "example.org"))
     assert secrets_version(a) != secrets_version(b)
+
+
+@pytest.mark.parametrize("name", ["secret-sauce", "spiffe://Example.org/x", "spiffe://td/a//b"])
+def test_malformed_names_are_invalid_input(name: str) -> None:
+    with pytest.raises(InvalidInput):
+        build_secrets([name], [WEB], BUNDLES, "example.org")
+
+
+def test_secrets_come_back_in_request_order_with_the_requested_names() -> None:
+    names = ["ALL", "spiffe://example.org/db", "default", "spiffe://example.org", "ROOTCA"]
+    secrets = build_secrets(names, [WEB, DB], BUNDLES, "example.org")
+    assert [s.name for s in secrets] == names
+    kinds = [s.WhichOneof("type") for s in secrets]
+    assert kinds == ["validation_context", "tls_certificate", "tls_certificate",
+                     "validation_context", "validation_context"]
+
+
+def test_an_identity_waiting_for_its_svid_is_left_out_not_refused() -> None:
+    pending = {"spiffe://example.org/db"}
+    assert build_secrets(["default"], [], BUNDLES, "example.org", pending) == []
+    [root] = build_secrets(["spiffe://example.org/db", "ROOTCA"], [WEB], BUNDLES,
+                           "example.org", pending)
+    assert root.name == "ROOTCA"
+    with pytest.raises(PermissionDenied, match="spiffe://example.org/admin"):
+        build_secrets(["spiffe://example.org/admin"], [], BUNDLES, "example.org", pending)
+
+
+def test_the_key_is_unencrypted_pkcs8_and_the_chain_has_no_root() -> None:
+    [secret] = build_secrets(["default"], [WEB], BUNDLES, "example.org")
+    assert secret.tls_certificate.private_key.inline_bytes.startswith(
+        b"-----BEGIN PRIVATE KEY-----")
+    assert ROOT.public_bytes(serialization.Encoding.PEM) not in \
+        secret.tls_certificate.certificate_chain.inline_bytes
+
+
+def test_all_leaves_out_trust_domains_without_roots() -> None:
+    [secret] = build_secrets(["ALL"], [WEB], {"example.org": (ROOT,), "empty.org": ()},
+                             "example.org")
+    config = spiffe.SPIFFECertValidatorConfig()
+    secret.validation_context.custom_validator_config.typed_config.Unpack(config)
+    assert [td.name for td in config.trust_domains] == ["example.org"]
+
+
+def test_secret_version_changes_with_rotation_only() -> None:
+    [a] = build_secrets(["default"], [WEB], BUNDLES, "example.org")
+    [again] = build_secrets(["default"], [WEB], BUNDLES, "example.org")
+    [rotated] = build_secrets(["default"], [svid(WEB.spiffe_id)], BUNDLES, "example.org")
+    assert secret_version(a) == secret_version(again) != secret_version(rotated)
