@@ -326,11 +326,11 @@ class SecretDiscovery:
             self.open_streams -= 1
             reader.cancel()
 
-    def _log_nack(self, grant: _Grant, names: Sequence[str], version: str, message: str,
-                  form: str) -> None:
+    def _log_nack(self, grant: _Grant, names: Sequence[str], message: str,
+                  **detail: str) -> None:
         log.warning("Envoy rejected the secrets it was sent", extra={
-            "spiffe_id": ",".join(grant.spiffe_ids), "names": ",".join(names),
-            "version": version, "stream": form, "error": message[:2000]})
+            "spiffe_id": ",".join(grant.spiffe_ids), "names": ",".join(names), **detail,
+            "error": message[:2000]})
 
     # -- state of the world --------------------------------------------------------------
     async def StreamSecrets(self, stream: Stream[discovery_pb2.DiscoveryRequest,  # noqa: N802
@@ -345,8 +345,8 @@ class SecretDiscovery:
                 kind = state.on_request(req.resource_names, req.response_nonce,
                                         req.HasField("error_detail"))
                 if kind is RequestKind.NACK:
-                    self._log_nack(self._grant(selectors), state.names, state.sent_version,
-                                   req.error_detail.message, "sotw")
+                    self._log_nack(self._grant(selectors), state.names,
+                                   req.error_detail.message, version=state.sent_version)
                 if kind is not RequestKind.SUBSCRIBE:
                     continue
                 answer = True
@@ -388,7 +388,7 @@ class SecretDiscovery:
             else:
                 if req.HasField("error_detail"):
                     self._log_nack(self._grant(selectors), sorted(state.subscribed),
-                                   req.response_nonce, req.error_detail.message, "delta")
+                                   req.error_detail.message, nonce=req.response_nonce)
                     continue
                 state.on_request(req.resource_names_subscribe, req.resource_names_unsubscribe,
                                  req.initial_resource_versions)

@@ -191,6 +191,10 @@ def test_stream_answers_pushes_a_rotation_and_logs_a_nack(
                     resource_names=["default", "ALL"], version_info=first.version_info,
                     response_nonce=second.nonce, type_url=SECRET_TYPE,
                     error_detail=status_pb2.Status(code=3, message="bad key")))
+                for _ in range(200):  # let the NACK be read before the next change
+                    if caplog.records:
+                        break
+                    await asyncio.sleep(0.01)
                 _issue(agent.cache)
                 agent.changes.set()
                 third = await stream.recv_message()
@@ -270,7 +274,8 @@ def test_fetch_secrets_answers_once() -> None:
     _serve(_agent([WEB, DB]), body)
 
 
-def test_delta_stream_sends_versions_and_only_what_changed() -> None:
+def test_delta_stream_sends_versions_and_only_what_changed(
+        caplog: pytest.LogCaptureFixture) -> None:
     agent = _agent([WEB])
 
     async def body(channel: Channel, sds: SecretDiscovery) -> None:
@@ -291,6 +296,21 @@ def test_delta_stream_sends_versions_and_only_what_changed() -> None:
             assert second is not None and second.nonce != first.nonce
             assert [r.name for r in second.resources] == ["default"]  # the bundle is as it was
             assert second.resources[0].version != versions["default"]
+            # a NACK is logged and the stream keeps serving
+            with caplog.at_level(logging.WARNING, logger="trustmesh.agent.sds"):
+                await stream.send_message(discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=SECRET_TYPE, response_nonce=second.nonce,
+                    error_detail=status_pb2.Status(code=3, message="bad chain")))
+                for _ in range(200):  # let the NACK be read before the next change
+                    if caplog.records:
+                        break
+                    await asyncio.sleep(0.01)
+                _issue(agent.cache)
+                agent.changes.set()
+                third = await stream.recv_message()
+            assert third is not None and [r.name for r in third.resources] == ["default"]
+            [nack] = [r for r in caplog.records if "rejected" in r.getMessage()]
+            assert nack.spiffe_id == WEB and nack.nonce == second.nonce  # type: ignore[attr-defined]
             await stream.cancel()
 
     _serve(agent, body)
