@@ -49,6 +49,7 @@ from grpclib.server import Stream
 
 from trustmesh.agent.attest.unix import attest_unix
 from trustmesh.agent.cache import CachedSvid
+from trustmesh.agent.peer import peer_credentials
 from trustmesh.errors import InvalidInput, PermissionDenied
 from trustmesh.log import get_logger
 from trustmesh.spiffe.ids import SpiffeId
@@ -267,10 +268,8 @@ class SecretDiscovery:
 
     # -- what the caller may have ----------------------------------------------------
     def _selectors(self, stream: Stream[Any, Any]) -> frozenset[str]:
-        from trustmesh.agent.workload_source import _peer
-
         try:
-            return attest_unix(_peer(stream))
+            return attest_unix(peer_credentials(stream))
         except PermissionDenied as exc:
             raise GRPCError(Status.PERMISSION_DENIED, str(exc)) from None
 

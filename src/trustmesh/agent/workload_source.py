@@ -17,8 +17,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import struct
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,8 +29,9 @@ from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.server import Server, Stream
 
-from trustmesh.agent.attest.unix import PeerCredentials, attest_unix
+from trustmesh.agent.attest.unix import attest_unix
 from trustmesh.agent.cache import CachedSvid
+from trustmesh.agent.peer import peer_credentials
 from trustmesh.errors import PermissionDenied as TmPermissionDenied
 from trustmesh.errors import TrustmeshError
 from trustmesh.log import get_logger
@@ -51,16 +50,6 @@ _HEADER = "workload.spiffe.io"
 _RECHECK = 5.0  # seconds between re-checks of a stream even without a change event
 _ALLOWED_ALGS = ["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384",
                  "PS512"]
-
-
-def _peer(stream: Stream[Any, Any]) -> PeerCredentials:
-    transport = getattr(stream.peer, "_transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        raise GRPCError(Status.PERMISSION_DENIED, "the caller's credentials are unknown")
-    pid, uid, gid = struct.unpack(
-        "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return PeerCredentials(pid, uid, gid)
 
 
 def _check_header(stream: Stream[Any, Any]) -> None:
@@ -82,7 +71,7 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
     # -- helpers ---------------------------------------------------------------------
     async def _selectors(self, stream: Stream[Any, Any]) -> frozenset[str]:
         _check_header(stream)
-        peer = _peer(stream)
+        peer = peer_credentials(stream)
         try:
             # A handful of small /proc reads: cheaper inline than a thread hop.
             return attest_unix(peer)
