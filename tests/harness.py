@@ -65,6 +65,10 @@ class ServerProcess:
         self.attest_port = free_port()
         self.admin_port = free_port()
         self.extra_args = list(extra_args)
+        if not any(a.startswith("--ocsp-workers") for a in self.extra_args):
+            # OCSP answered in the server process: each test server stays one process.
+            # tests/integration/test_ocsp_workers.py runs the responder processes.
+            self.extra_args += ["--ocsp-workers", "0"]
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
