@@ -226,6 +226,110 @@ def test_a_certificate_from_another_trust_domain_is_refused(clean: MeshLab) -> N
     assert clean.call("GET", "/").status == 200  # the mesh's own client still gets through
 
 
+def _foreign_client(base: Path, trust_domain: str) -> tuple[Path, Path, Path]:
+    """A CA of another trust domain (root.pem) and a client SVID it signed (c.pem, c.key)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} root")])
+    root = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+            .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                         False), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca_name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
+                                         False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH,
+                                                  ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(
+                f"spiffe://{trust_domain}/ns/default/sa/client")]), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    paths = base / "root.pem", base / "c.pem", base / "c.key"
+    paths[0].write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def _call_with(port: int, cert: Path, key: Path) -> tuple[int, dict[str, str]]:
+    """GET / straight to a sidecar's inbound port with this client certificate: the
+    status and the headers the echo app saw, or (0, {}) when the handshake is refused."""
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(str(cert), str(key))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                ctx.wrap_socket(raw) as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n")
+            resp = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+            resp.begin()
+            body = resp.read()
+            headers = json.loads(body).get("headers", {}) if resp.status == 200 else {}
+            return resp.status, headers
+    except (ssl.SSLError, ConnectionError, http.client.HTTPException, OSError):
+        return 0, {}
+
+
+def test_another_trust_domain_is_accepted_only_while_federated(clean: MeshLab) -> None:
+    """other.org's SVIDs reach the echo sidecar once the server holds other.org's bundle
+    and echo's entry federates with other.org; policy then decides as for anyone; deleting
+    the bundle refuses them at the handshake again."""
+    base = Path(tempfile.mkdtemp(dir=clean.base))
+    root, cert, key = _foreign_client(base, "other.org")
+    port = clean.ports["echo_sidecar"]
+    assert _call_with(port, cert, key)[0] == 0  # not federated: no handshake
+    [echo] = clean.cli_json("entry", "list", "--spiffe-id", clean.spiffe_id("echo"))
+    clean.cli("bundle", "set", "--trust-domain", "other.org", "-f", str(root), "--format",
+              "pem")
+    try:
+        time.sleep(2)  # the bundle alone is not enough: echo's entry does not federate
+        assert _call_with(port, cert, key)[0] == 0
+        clean.cli("entry", "update", echo["id"], "--federates-with", "other.org")
+        deadline = time.monotonic() + 20
+        status, headers = 0, {}
+        while status != 200 and time.monotonic() < deadline:
+            status, headers = _call_with(port, cert, key)
+            time.sleep(0.2)
+        assert status == 200, "a federated SVID was refused"
+        xfcc = headers.get("x-forwarded-client-cert", "")
+        assert "URI=spiffe://other.org/ns/default/sa/client" in xfcc, xfcc
+        # authorization still applies: only the mesh's own client is allowed
+        clean.apply(ALLOW_CLIENT)
+        deadline = time.monotonic() + 5
+        while _call_with(port, cert, key)[0] != 403 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _call_with(port, cert, key)[0] == 403
+        # forgetting other.org's bundle refuses its SVIDs at the handshake again
+        clean.cli("bundle", "delete", "--trust-domain", "other.org")
+        deadline = time.monotonic() + 20
+        while _call_with(port, cert, key)[0] != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _call_with(port, cert, key)[0] == 0
+        assert clean.call("GET", "/").status == 200  # the mesh's own client is unaffected
+    finally:
+        clean.cli("entry", "update", echo["id"], "--clear", "federates-with")
+        clean.cli("bundle", "delete", "--trust-domain", "other.org", check=False)
+
+
 def _key_and_csr(base: Path, name: str, cn: str) -> Path:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

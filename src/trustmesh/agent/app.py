@@ -13,7 +13,7 @@ import json
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ from trustmesh.config import AgentConfig
 from trustmesh.errors import ConfigError, PermissionDenied, TrustmeshError, Unavailable
 from trustmesh.log import get_logger
 from trustmesh.proto import agent_pb2
+from trustmesh.spiffe.bundle import Bundle
 
 if TYPE_CHECKING:
     from trustmesh.agent.sds import SecretDiscovery
@@ -114,6 +115,8 @@ class Agent:
         self.changed = self.changes
         self.server_reachable = False
         self.bundle_doc: dict[str, object] | None = None  # the SPIFFE bundle from the server
+        # trust domain name -> bundle, for the trust domains this node's entries federate with
+        self.federated: dict[str, Bundle] = {}
         self.sds: SecretDiscovery | None = None  # Envoy SDS, set when the socket serves
 
     # -- node identity -----------------------------------------------------------------
@@ -183,7 +186,9 @@ class Agent:
     async def refresh_bundle(self) -> None:
         """Keep the trust domain's bundle (X.509 roots and JWT keys) current."""
         assert self.node is not None
-        doc = json.loads(await self.client.fetch_bundle(self.node))
+        raw, federated = await self.client.fetch_bundle(self.node)
+        self._keep_federated(federated)
+        doc = json.loads(raw)
         if self.bundle_doc is None or doc.get("spiffe_sequence") != self.bundle_doc.get(
                 "spiffe_sequence"):
             self.bundle_doc = doc
@@ -197,6 +202,28 @@ class Agent:
                 save_bundle(self.config.data_dir, pem)
             self.changed.set()
             log.info("bundle updated", extra={"sequence": doc.get("spiffe_sequence")})
+
+    def _keep_federated(self, documents: Mapping[str, bytes]) -> None:
+        bundles: dict[str, Bundle] = {}
+        for name, doc in documents.items():
+            try:
+                bundles[name] = Bundle.parse_jwks(doc, name)
+            except TrustmeshError as exc:  # keep what we had for it; the rest still counts
+                log.warning("ignoring an unreadable federated bundle",
+                            extra={"trust_domain": name, "error": str(exc)})
+                if name in self.federated:
+                    bundles[name] = self.federated[name]
+        if bundles != self.federated:
+            added = sorted(set(bundles) - set(self.federated))
+            removed = sorted(set(self.federated) - set(bundles))
+            self.federated = bundles
+            self.changed.set()
+            log.info("federated bundles updated", extra={
+                "trust_domains": sorted(bundles), "added": added, "removed": removed})
+
+    def federated_for(self, federates_with: Iterable[str]) -> dict[str, Bundle]:
+        """The federated bundles (trust domain name -> bundle) an entry may see."""
+        return {td: b for td in federates_with if (b := self.federated.get(td)) is not None}
 
     def jwt_bundle_jwks(self) -> bytes:
         """The JWT authorities only, as a JWKS (what Workload API clients expect)."""

@@ -29,7 +29,7 @@ import enum
 import hashlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -273,9 +273,14 @@ class SecretDiscovery:
         except PermissionDenied as exc:
             raise GRPCError(Status.PERMISSION_DENIED, str(exc)) from None
 
-    def _bundles(self) -> dict[str, Sequence[x509.Certificate]]:
-        # Federated bundles join this mapping (trust domain -> roots) once the agent has them.
-        return {self._own_td(): self.agent.roots}
+    def _bundles(self, federates_with: Iterable[str] = ()) -> dict[str, Sequence[x509.Certificate]]:
+        """Trust domain name -> roots: this trust domain's, and the federated ones the
+        caller's entries federate with (the SPIFFE validator then accepts their SVIDs)."""
+        out: dict[str, Sequence[x509.Certificate]] = {self._own_td(): self.agent.roots}
+        for td, bundle in self.agent.federated_for(federates_with).items():
+            if bundle.x509_authorities:
+                out[td] = bundle.x509_authorities
+        return out
 
     def _own_td(self) -> str:
         node = self.agent.node
@@ -288,7 +293,8 @@ class SecretDiscovery:
                             "no identity issued: no registration entry matches this caller")
         svids = self.agent.cache.svids_for(selectors, time.time())
         pending = frozenset(e.spiffe_id for e in entries) - {s.spiffe_id for s in svids}
-        return _Grant(svids, pending, self._bundles(), self._own_td())
+        federates = sorted({td for e in entries for td in e.federates_with})
+        return _Grant(svids, pending, self._bundles(federates), self._own_td())
 
     # -- stream plumbing -------------------------------------------------------------------
     async def _events(self, stream: Stream[Any, Any]) -> AsyncIterator[Any | None]:

@@ -193,10 +193,12 @@ class ServerClient:
             raise _map_error(exc) from None
         return resp.token, int(resp.expires_at)
 
-    async def fetch_bundle(self, creds: NodeCredentials) -> bytes:
+    async def fetch_bundle(self, creds: NodeCredentials) -> tuple[bytes, dict[str, bytes]]:
+        """This trust domain's SPIFFE bundle, and the federated ones (trust domain name ->
+        SPIFFE bundle) that this agent's entries federate with."""
         try:
             resp = await self._stub(creds).FetchBundles(agent_pb2.FetchBundlesRequest(),
                                                         timeout=_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
             raise _map_error(exc) from None
-        return bytes(resp.bundle)
+        return bytes(resp.bundle), {td: bytes(b) for td, b in resp.federated.items()}

@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ from trustmesh.errors import TrustmeshError
 from trustmesh.log import get_logger
 from trustmesh.proto import workloadapi_pb2 as pb
 from trustmesh.proto.workloadapi_grpc import SpiffeWorkloadAPIBase
+from trustmesh.spiffe.bundle import Bundle
 from trustmesh.spiffe.ids import SpiffeId
 
 if TYPE_CHECKING:
@@ -84,6 +85,21 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
     def _bundle_der(self) -> bytes:
         return b"".join(c.public_bytes(serialization.Encoding.DER) for c in self.agent.roots)
 
+    def _federated(self, entry_ids: Iterable[str]) -> dict[str, Bundle]:
+        """Federated bundles (trust domain name -> bundle) for these entries: only the
+        trust domains they federate with."""
+        names: set[str] = set()
+        for entry_id in entry_ids:
+            entry = self.agent.cache.entries.get(entry_id)
+            if entry is not None:
+                names.update(entry.federates_with)
+        return self.agent.federated_for(sorted(names))
+
+    def _federated_der(self, entry_ids: Iterable[str]) -> dict[str, bytes]:
+        return {f"spiffe://{td}": b"".join(c.public_bytes(serialization.Encoding.DER)
+                                           for c in b.x509_authorities)
+                for td, b in self._federated(entry_ids).items() if b.x509_authorities}
+
     def _trust_domain_id(self) -> str:
         node = self.agent.node
         td = SpiffeId.parse(node.spiffe_id).trust_domain if node else None
@@ -102,7 +118,8 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
                                       serialization.NoEncryption())
             out.append(pb.X509SVID(spiffe_id=s.spiffe_id, x509_svid=_der_chain(s),
                                    x509_svid_key=key, bundle=bundle, hint=s.hint))
-        return pb.X509SVIDResponse(svids=out)
+        return pb.X509SVIDResponse(
+            svids=out, federated_bundles=self._federated_der(s.entry_id for s in svids))
 
     async def FetchX509SVID(self, stream: Stream[pb.X509SVIDRequest,  # noqa: N802
                                                   pb.X509SVIDResponse]) -> None:
@@ -115,7 +132,9 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
             if not svids:
                 raise GRPCError(Status.PERMISSION_DENIED,
                                 "no identity issued: no registration entry matches this caller")
-            fingerprint = [_der_chain(s) for s in svids] + [self._bundle_der()]
+            federated = self._federated_der(s.entry_id for s in svids)
+            fingerprint = [_der_chain(s) for s in svids] + [self._bundle_der()] + [
+                td.encode() + b"=" + der for td, der in sorted(federated.items())]
             if fingerprint != sent:
                 await stream.send_message(self._x509_response(svids))
                 sent = fingerprint
@@ -126,17 +145,19 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
                                                      pb.X509BundlesResponse]) -> None:
         await stream.recv_message()
         selectors = await self._selectors(stream)
-        sent: bytes | None = None
+        sent: dict[str, bytes] | None = None
         generation = -1
         while True:
-            if not self._svids(selectors):
+            svids = self._svids(selectors)
+            if not svids:
                 raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
-            bundle = self._bundle_der()
-            if bundle != sent:
-                await stream.send_message(pb.X509BundlesResponse(
-                    bundles={self._trust_domain_id(): bundle}))
-                sent = bundle
+            bundles = {self._trust_domain_id(): self._bundle_der(),
+                       **self._federated_der(s.entry_id for s in svids)}
+            if bundles != sent:
+                await stream.send_message(pb.X509BundlesResponse(bundles=bundles))
+                sent = bundles
             generation = await self._wait_change(generation)
+            selectors = await self._selectors(stream)
 
     # -- JWT -----------------------------------------------------------------------------
     async def FetchJWTSVID(self, stream: Stream[pb.JWTSVIDRequest,  # noqa: N802
@@ -178,8 +199,12 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
         self._jwt_cache[(entry_id, audience)] = (token, now, float(expires))
         return token
 
-    def _jwt_bundles(self) -> dict[str, bytes]:
-        return {self._trust_domain_id(): self.agent.jwt_bundle_jwks()}
+    def _jwt_bundles(self, entry_ids: Iterable[str]) -> dict[str, bytes]:
+        out = {self._trust_domain_id(): self.agent.jwt_bundle_jwks()}
+        for td, b in self._federated(entry_ids).items():
+            if b.jwt_authorities:
+                out[f"spiffe://{td}"] = b.to_jwks(include_x509=False).encode()
+        return out
 
     async def FetchJWTBundles(self, stream: Stream[pb.JWTBundlesRequest,  # noqa: N802
                                                     pb.JWTBundlesResponse]) -> None:
@@ -188,9 +213,10 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
         sent: dict[str, bytes] | None = None
         generation = -1
         while True:
-            if not self._svids(selectors) and not self.agent.cache.match(selectors):
+            entries = self.agent.cache.match(selectors)
+            if not self._svids(selectors) and not entries:
                 raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
-            bundles = self._jwt_bundles()
+            bundles = self._jwt_bundles(e.id for e in entries)
             if bundles != sent:
                 await stream.send_message(pb.JWTBundlesResponse(bundles=bundles))
                 sent = bundles
@@ -205,13 +231,25 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
             raise GRPCError(Status.INVALID_ARGUMENT, "svid must be specified")
-        claims = validate_jwt_svid(request.svid, request.audience, self._jwt_keys())
+        claims = validate_jwt_svid(request.svid, request.audience,
+                                   self._jwt_keys(_claimed_trust_domain(request.svid)))
         st = struct_pb2.Struct()
         st.update({k: v for k, v in claims.items()})
         await stream.send_message(pb.ValidateJWTSVIDResponse(spiffe_id=claims["sub"],
                                                              claims=st))
 
-    def _jwt_keys(self) -> Mapping[str, Any]:
+    def _jwt_keys(self, trust_domain: str | None) -> Mapping[str, Any]:
+        """The JWT authorities of the token's own trust domain: this one's, or a federated
+        one's (a key of one trust domain never vouches for another's subject)."""
+        own = self._trust_domain_id().removeprefix("spiffe://")
+        if trust_domain is not None and trust_domain != own:
+            federated = self.agent.federated.get(trust_domain)
+            if federated is None:
+                raise GRPCError(Status.INVALID_ARGUMENT,
+                                f"no bundle for trust domain {trust_domain}: it is not this "
+                                "trust domain and none of this agent's entries federates "
+                                "with it")
+            return dict(federated.jwt_authorities)
         doc = json.loads(self.agent.jwt_bundle_jwks())
         keys: dict[str, Any] = {}
         for jwk in doc.get("keys", []):
@@ -220,6 +258,15 @@ class WorkloadApi(SpiffeWorkloadAPIBase):
             except (KeyError, pyjwt.PyJWKError):
                 continue
         return keys
+
+
+def _claimed_trust_domain(token: str) -> str | None:
+    """The trust domain the token's (unverified) subject names, to pick its bundle."""
+    try:
+        sub = pyjwt.decode(token, options={"verify_signature": False}).get("sub")
+        return SpiffeId.parse(sub).trust_domain.name if isinstance(sub, str) else None
+    except (pyjwt.PyJWTError, TrustmeshError):
+        return None  # validate_jwt_svid says what is wrong with it
 
 
 def validate_jwt_svid(token: str, audience: str, keys: Mapping[str, Any]) -> dict[str, Any]:

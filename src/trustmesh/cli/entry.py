@@ -188,15 +188,34 @@ def list_(spiffe_id: str | None, parent_id: str | None, socket_path: Path | None
         _print_entry(e)
 
 
+_CLEARABLE = {"federates-with": ("federates_with", []), "dns-names": ("dns_names", []),
+              "labels": ("labels", {}), "hint": ("hint", "")}
+
+
 @entry.command("update")
 @click.argument("entry_id")
 @_entry_options
+@click.option("--clear", "clear", multiple=True, type=click.Choice(sorted(_CLEARABLE)),
+              help="Empty this field (repeatable), e.g. --clear federates-with.")
 @socket_option
 @output_option()
-def update(entry_id: str, socket_path: Path | None, output: str, **flags: Any) -> None:
-    """Change fields of an entry (the fields given replace the stored ones)."""
+def update(entry_id: str, clear: tuple[str, ...], socket_path: Path | None, output: str,
+           **flags: Any) -> None:
+    """Change fields of an entry (the fields given replace the stored ones).
+
+    \b
+    Example:
+      trustmesh entry update ENTRY_ID --federates-with partner.example
+      trustmesh entry update ENTRY_ID --clear federates-with
+    """
     try:
         body = _body_from_flags(flags)
+        for name in clear:
+            key, empty = _CLEARABLE[name]
+            if key in body:
+                raise InvalidInput(f"--clear {name} and a new value for it at once",
+                                   field=key)
+            body[key] = empty
         if not body:
             raise InvalidInput("nothing to update: give at least one field flag")
         e = AdminClient(socket_path).request("PATCH", f"/v1/entries/{entry_id}", json=body)

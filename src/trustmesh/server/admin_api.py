@@ -105,6 +105,10 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], tuple[str, str, str, str]] = {
     ("GET", "/v1/agents"): ("list", "agents", "", ""),
     ("POST", "/v1/agents/evict"): ("delete", "agents", "", ""),
     ("GET", "/v1/bundle"): ("get", "bundles", "", ""),
+    ("GET", "/v1/federation/bundles"): ("list", "federatedbundles", "", ""),
+    ("GET", "/v1/federation/bundles/{td}"): ("get", "federatedbundles", "", "td"),
+    ("PUT", "/v1/federation/bundles/{td}"): ("update", "federatedbundles", "", "td"),
+    ("DELETE", "/v1/federation/bundles/{td}"): ("delete", "federatedbundles", "", "td"),
     ("GET", "/v1/rbac"): ("get", "rbacpolicies", "", ""),
     ("PUT", "/v1/rbac"): ("update", "rbacpolicies", "", ""),
     # Mesh resources are authorized per document (kind and namespace) in the handler.
@@ -369,6 +373,31 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
         bundle = await run(ca.bundle)
         return web.json_response({"bundle": bundle, "pem": chain_pem(ca.anchors)})
 
+    # -- federation ---------------------------------------------------------------
+    async def list_federated(_: web.Request) -> web.Response:
+        bundles = await run(registry.federation.all)
+        return web.json_response({"bundles": [b.summary() for b in bundles.values()]})
+
+    async def show_federated(request: web.Request) -> web.Response:
+        found = await run(registry.federation.get, request.match_info["td"])
+        return web.json_response({**found.summary(), "bundle": found.document})
+
+    async def set_federated(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        unknown = set(body) - {"bundle", "format"}
+        if unknown:
+            raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        found, changed = await run(registry.federation.set_bundle, request.match_info["td"],
+                                   body.get("bundle"), body.get("format", "spiffe"),
+                                   request["actor"])
+        return web.json_response({**found.summary(), "changed": changed})
+
+    async def delete_federated(request: web.Request) -> web.Response:
+        revision = await run(registry.federation.delete_bundle, request.match_info["td"],
+                             request["actor"])
+        return web.json_response({"trust_domain": request.match_info["td"], "deleted": True,
+                                  "revision": revision})
+
     async def show_rbac(_: web.Request) -> web.Response:
         if policy is None:
             raise InvalidInput("this server has no RBAC policy store")
@@ -459,6 +488,10 @@ def build_admin_app(ca: CertificateAuthority, metrics: ServerMetrics,
     app.router.add_get("/v1/rbac", show_rbac)
     app.router.add_put("/v1/rbac", apply_rbac)
     app.router.add_get("/v1/bundle", show_bundle)
+    app.router.add_get("/v1/federation/bundles", list_federated)
+    app.router.add_get("/v1/federation/bundles/{td}", show_federated)
+    app.router.add_put("/v1/federation/bundles/{td}", set_federated)
+    app.router.add_delete("/v1/federation/bundles/{td}", delete_federated)
     app.router.add_get("/v1/ca", show_ca)
     app.router.add_post("/v1/certificates", issue)
     app.router.add_get("/v1/certificates/{serial}", show_cert)

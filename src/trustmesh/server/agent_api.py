@@ -312,12 +312,24 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
             await self._abort(context, err)
             raise AssertionError("unreachable") from None
 
+    def _bundles_for(self, agent_id: SpiffeId) -> agent_pb2.FetchBundlesResponse:
+        """This trust domain's bundle, and the federated bundles that the entries this
+        agent serves federate with (and no others)."""
+        self.cache.refresh()
+        wanted = {td.name for entry_id in self.cache.authorized_ids(agent_id)
+                  if (entry := self.cache.get(entry_id)) is not None
+                  for td in entry.federates_with}
+        federated = self.registry.federation.for_trust_domains(wanted) if wanted else {}
+        return agent_pb2.FetchBundlesResponse(bundle=self.ca.bundle_jwks(),
+                                              federated=federated)
+
     async def FetchBundles(self, request: agent_pb2.FetchBundlesRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext
                            ) -> agent_pb2.FetchBundlesResponse:
         try:
-            await self._run(self._caller, context)
-            return agent_pb2.FetchBundlesResponse(bundle=self.ca.bundle_jwks())
+            agent_id = await self._run(self._caller, context)
+            resp: agent_pb2.FetchBundlesResponse = await self._run(self._bundles_for, agent_id)
+            return resp
         except TrustmeshError as err:
             await self._abort(context, err)
             raise AssertionError("unreachable") from None

@@ -17,6 +17,7 @@ from trustmesh.clock import Clock
 from trustmesh.errors import InvalidInput, NotFound, PermissionDenied
 from trustmesh.log import get_logger
 from trustmesh.server.entries import Entry, entry_from_input
+from trustmesh.server.federation import FederationStore
 from trustmesh.spiffe.ids import SpiffeId, TrustDomain
 from trustmesh.store.datastore import Datastore
 
@@ -49,6 +50,7 @@ class Registry:
         self.store = store
         self.trust_domain = trust_domain
         self.clock = clock
+        self.federation = FederationStore(store, trust_domain, clock)
 
     def _now(self) -> int:
         return int(self.clock.now().timestamp())

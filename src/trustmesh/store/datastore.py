@@ -651,6 +651,56 @@ class Datastore:
         return int(revision or 0), [(r.kind, r.namespace, r.name, dict(json.loads(r.body)),
                                      int(r.created_at)) for r in rows]
 
+    # -- federation ----------------------------------------------------------------
+    def federation_revision(self) -> int:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(m.counters.c.value).where(m.counters.c.name == "federation")).scalar()
+        return int(value or 0)
+
+    def put_federated_bundle(self, trust_domain: str, body: str, *, now: int, actor: str
+                             ) -> tuple[int, bool]:
+        """Create or replace a federated bundle. Returns the federation revision and
+        whether anything changed."""
+        with self._write() as conn:
+            key = m.federated_bundles.c.trust_domain == trust_domain
+            row = conn.execute(select(m.federated_bundles.c.body).where(key)).first()
+            if row is not None and row.body == body:
+                current = conn.execute(select(m.counters.c.value).where(
+                    m.counters.c.name == "federation")).scalar()
+                return int(current or 0), False
+            revision = self._next_revision(conn, "federation")
+            values = {"body": body, "revision": revision, "updated_at": now,
+                      "updated_by": actor}
+            if row is None:
+                conn.execute(insert(m.federated_bundles).values(trust_domain=trust_domain,
+                                                                **values))
+            else:
+                conn.execute(update(m.federated_bundles).where(key).values(**values))
+        return revision, True
+
+    def delete_federated_bundle(self, trust_domain: str) -> int:
+        """Remove a federated bundle (NotFound if there is none); returns the revision."""
+        with self._write() as conn:
+            gone = conn.execute(m.federated_bundles.delete().where(
+                m.federated_bundles.c.trust_domain == trust_domain)).rowcount
+            if not gone:
+                raise NotFound(f"no federated bundle for trust domain {trust_domain}",
+                               field="trust_domain")
+            return self._next_revision(conn, "federation")
+
+    def list_federated_bundles(self) -> tuple[int, list[dict[str, Any]]]:
+        """The federation revision and every federated bundle, by trust domain name."""
+        with self.engine.connect() as conn, conn.begin():
+            revision = conn.execute(select(m.counters.c.value).where(
+                m.counters.c.name == "federation")).scalar()
+            rows = conn.execute(select(m.federated_bundles).order_by(
+                m.federated_bundles.c.trust_domain)).all()
+        return int(revision or 0), [
+            {"trust_domain": r.trust_domain, "bundle": json.loads(r.body),
+             "revision": int(r.revision), "updated_at": int(r.updated_at),
+             "updated_by": r.updated_by} for r in rows]
+
     # -- registry: join tokens and agents -------------------------------------
     def create_join_token(self, token_hash: str, *, spiffe_id: str, created_at: int,
                           expires_at: int, created_by: str) -> None:

@@ -117,6 +117,18 @@ mesh_resources = Table(
     Column("created_at", BigInteger, nullable=False),  # epoch microseconds: "oldest wins"
 )
 
+# Bundles of other trust domains this one federates with (SPIFFE bundle JSON, as set
+# by an operator); the "federation" counter versions the set for agents and replicas.
+federated_bundles = Table(
+    "federated_bundles",
+    metadata,
+    Column("trust_domain", String(255), primary_key=True),
+    Column("body", Text, nullable=False),  # the SPIFFE bundle (JWKS), canonical JSON
+    Column("revision", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("updated_by", Text, nullable=False),
+)
+
 # One-time join tokens: only a hash is stored.
 join_tokens = Table(
     "join_tokens",
