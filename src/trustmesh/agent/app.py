@@ -117,6 +117,8 @@ class Agent:
         self.bundle_doc: dict[str, object] | None = None  # the SPIFFE bundle from the server
         # trust domain name -> bundle, for the trust domains this node's entries federate with
         self.federated: dict[str, Bundle] = {}
+        self.crls: tuple[x509.CertificateRevocationList, ...] = ()
+        self._crls_stale_logged = False
         self.sds: SecretDiscovery | None = None  # Envoy SDS, set when the socket serves
 
     # -- node identity -----------------------------------------------------------------
@@ -186,8 +188,9 @@ class Agent:
     async def refresh_bundle(self) -> None:
         """Keep the trust domain's bundle (X.509 roots and JWT keys) current."""
         assert self.node is not None
-        raw, federated = await self.client.fetch_bundle(self.node)
+        raw, federated, crls = await self.client.fetch_bundle(self.node)
         self._keep_federated(federated)
+        self._keep_crls(crls)
         doc = json.loads(raw)
         if self.bundle_doc is None or doc.get("spiffe_sequence") != self.bundle_doc.get(
                 "spiffe_sequence"):
@@ -202,6 +205,39 @@ class Agent:
                 save_bundle(self.config.data_dir, pem)
             self.changed.set()
             log.info("bundle updated", extra={"sequence": doc.get("spiffe_sequence")})
+
+    def _keep_crls(self, ders: list[bytes]) -> None:
+        """This trust domain's CRLs: handed to Envoy (SDS) and used to replace any SVID
+        of this agent's that one of them lists."""
+        if sorted(ders) == sorted(c.public_bytes(serialization.Encoding.DER)
+                                  for c in self.crls):
+            return
+        try:
+            crls = tuple(x509.load_der_x509_crl(d) for d in ders)
+        except ValueError as exc:
+            log.warning("ignoring unreadable CRLs from the server", extra={"error": str(exc)})
+            return
+        self.crls = crls
+        self.cache.revoked = frozenset((c.issuer.public_bytes(), r.serial_number)
+                                       for c in crls for r in c)
+        self.changed.set()
+        log.info("revocation lists updated", extra={
+            "crls": len(crls), "revoked": len(self.cache.revoked)})
+
+    def current_crls(self) -> tuple[x509.CertificateRevocationList, ...]:
+        """The CRLs to give validators: all of them while every one is current, none once
+        one has expired (a validator would then refuse every chain; SVIDs are short-lived
+        and the next sync brings fresh CRLs)."""
+        now = self.clock()
+        if any(c.next_update_utc is None or c.next_update_utc.timestamp() <= now
+               for c in self.crls):
+            if not self._crls_stale_logged:
+                log.warning("CRLs expired without a fresh copy from the server; validators "
+                            "get none until the next sync", extra={"crls": len(self.crls)})
+                self._crls_stale_logged = True
+            return ()
+        self._crls_stale_logged = False
+        return self.crls
 
     def _keep_federated(self, documents: Mapping[str, bytes]) -> None:
         bundles: dict[str, Bundle] = {}

@@ -60,6 +60,8 @@ class SvidCache:
     entries: dict[str, CachedEntry] = field(default_factory=dict)
     svids: dict[str, CachedSvid] = field(default_factory=dict)
     generation: int = 0  # bumps on every change workloads can see
+    # (issuer name DER, serial) of every certificate this trust domain's CRLs list
+    revoked: frozenset[tuple[bytes, int]] = frozenset()
     _by_selector: dict[str, set[str]] = field(default_factory=dict)
 
     # -- sync ------------------------------------------------------------------------
@@ -99,16 +101,21 @@ class SvidCache:
 
     # -- rotation ----------------------------------------------------------------------
     def due(self, now: float) -> list[str]:
-        """Entries whose SVID is missing, half-way through its life, or for an older entry."""
+        """Entries whose SVID is missing, half-way through its life, for an older entry,
+        or revoked (a CRL of this trust domain lists it: a new key and SVID at once)."""
         out = []
         for entry_id, entry in self.entries.items():
             svid = self.svids.get(entry_id)
             start = svid.received_at if svid is not None and svid.received_at else (
                 svid.not_before if svid is not None else 0.0)
             if (svid is None or svid.entry_revision != entry.revision
-                    or rotation_due(start, svid.not_after, now)):
+                    or rotation_due(start, svid.not_after, now) or self.is_revoked(svid)):
                 out.append(entry_id)
         return sorted(out)
+
+    def is_revoked(self, svid: CachedSvid) -> bool:
+        leaf = svid.chain[0]
+        return (leaf.issuer.public_bytes(), leaf.serial_number) in self.revoked
 
     def store(self, svids: Sequence[CachedSvid]) -> None:
         stored = False

@@ -91,11 +91,15 @@ def _trusted_ca(name: str, roots: Sequence[x509.Certificate]) -> secret_pb2.Secr
         trusted_ca=base_pb2.DataSource(inline_bytes=_pem(roots))))
 
 
-def _spiffe_validator(name: str, bundles: Mapping[str, Sequence[x509.Certificate]]
+def _spiffe_validator(name: str, bundles: Mapping[str, Sequence[x509.Certificate]],
+                      crls: Mapping[str, Sequence[x509.CertificateRevocationList]]
                       ) -> secret_pb2.Secret:
+    # CRLs go into the trust domain's PEM beside its roots: the validator then checks
+    # every certificate of a chain from that trust domain against them.
     config = tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig(trust_domains=[
         tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig.TrustDomain(
-            name=td, trust_bundle=base_pb2.DataSource(inline_bytes=_pem(roots)))
+            name=td, trust_bundle=base_pb2.DataSource(inline_bytes=_pem(roots) + b"".join(
+                c.public_bytes(serialization.Encoding.PEM) for c in crls.get(td, ()))))
         for td, roots in sorted(bundles.items()) if roots])
     packed = any_pb2.Any()
     packed.Pack(config)
@@ -106,7 +110,8 @@ def _spiffe_validator(name: str, bundles: Mapping[str, Sequence[x509.Certificate
 
 def build_secrets(names: Sequence[str], svids: Sequence[CachedSvid],
                   bundles: Mapping[str, Sequence[x509.Certificate]],
-                  own_trust_domain: str, pending: Collection[str] = ()
+                  own_trust_domain: str, pending: Collection[str] = (),
+                  crls: Sequence[x509.CertificateRevocationList] = ()
                   ) -> list[secret_pb2.Secret]:
     """The secrets named in an SDS request, in request order, for a caller entitled to
     ``svids`` (issued, default first) and ``bundles`` (trust domain name -> roots).
@@ -114,6 +119,8 @@ def build_secrets(names: Sequence[str], svids: Sequence[CachedSvid],
     ``pending`` holds the SPIFFE IDs the caller is entitled to whose SVID is not issued
     yet: names waiting for one are left out (ask again after the next change). A name the
     caller may not have raises PermissionDenied naming it; a malformed one InvalidInput.
+    ``crls`` are the own trust domain's CRLs (all of its CAs' or none), checked by the
+    SPIFFE validator (``ALL``).
     """
     out = []
     by_id: dict[str, CachedSvid] = {}
@@ -129,7 +136,7 @@ def build_secrets(names: Sequence[str], svids: Sequence[CachedSvid],
         elif name == ROOT_BUNDLE:
             out.append(_trusted_ca(name, bundles.get(own_trust_domain, ())))
         elif name == ALL_BUNDLES:
-            out.append(_spiffe_validator(name, bundles))
+            out.append(_spiffe_validator(name, bundles, {own_trust_domain: crls}))
         elif name.startswith("spiffe://"):
             sid = SpiffeId.parse(name)
             if sid.is_trust_domain_id:
@@ -243,6 +250,7 @@ class _Grant:
     pending: frozenset[str]
     bundles: dict[str, Sequence[x509.Certificate]]
     trust_domain: str
+    crls: Sequence[x509.CertificateRevocationList] = ()
 
     @property
     def spiffe_ids(self) -> list[str]:
@@ -251,7 +259,7 @@ class _Grant:
     def secrets(self, names: Sequence[str]) -> list[secret_pb2.Secret]:
         try:
             return build_secrets(names, self.svids, self.bundles, self.trust_domain,
-                                 self.pending)
+                                 self.pending, self.crls)
         except InvalidInput as exc:
             raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
         except PermissionDenied as exc:
@@ -294,7 +302,8 @@ class SecretDiscovery:
         svids = self.agent.cache.svids_for(selectors, time.time())
         pending = frozenset(e.spiffe_id for e in entries) - {s.spiffe_id for s in svids}
         federates = sorted({td for e in entries for td in e.federates_with})
-        return _Grant(svids, pending, self._bundles(federates), self._own_td())
+        return _Grant(svids, pending, self._bundles(federates), self._own_td(),
+                      self.agent.current_crls())
 
     # -- stream plumbing -------------------------------------------------------------------
     async def _events(self, stream: Stream[Any, Any]) -> AsyncIterator[Any | None]:

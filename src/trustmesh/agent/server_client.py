@@ -193,12 +193,15 @@ class ServerClient:
             raise _map_error(exc) from None
         return resp.token, int(resp.expires_at)
 
-    async def fetch_bundle(self, creds: NodeCredentials) -> tuple[bytes, dict[str, bytes]]:
-        """This trust domain's SPIFFE bundle, and the federated ones (trust domain name ->
-        SPIFFE bundle) that this agent's entries federate with."""
+    async def fetch_bundle(self, creds: NodeCredentials
+                           ) -> tuple[bytes, dict[str, bytes], list[bytes]]:
+        """This trust domain's SPIFFE bundle, the federated ones (trust domain name ->
+        SPIFFE bundle) that this agent's entries federate with, and this trust domain's
+        CRLs (DER; all of its CAs' or none)."""
         try:
             resp = await self._stub(creds).FetchBundles(agent_pb2.FetchBundlesRequest(),
                                                         timeout=_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
             raise _map_error(exc) from None
-        return bytes(resp.bundle), {td: bytes(b) for td, b in resp.federated.items()}
+        return (bytes(resp.bundle), {td: bytes(b) for td, b in resp.federated.items()},
+                [bytes(c) for c in resp.crls])

@@ -167,7 +167,7 @@ class FetchBundlesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class FetchBundlesResponse(_message.Message):
-    __slots__ = ("bundle", "federated")
+    __slots__ = ("bundle", "federated", "crls")
     class FederatedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,8 @@ class FetchBundlesResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     FEDERATED_FIELD_NUMBER: _ClassVar[int]
+    CRLS_FIELD_NUMBER: _ClassVar[int]
     bundle: bytes
     federated: _containers.ScalarMap[str, bytes]
-    def __init__(self, bundle: _Optional[bytes] = ..., federated: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    crls: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, bundle: _Optional[bytes] = ..., federated: _Optional[_Mapping[str, bytes]] = ..., crls: _Optional[_Iterable[bytes]] = ...) -> None: ...

@@ -321,7 +321,8 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
                   for td in entry.federates_with}
         federated = self.registry.federation.for_trust_domains(wanted) if wanted else {}
         return agent_pb2.FetchBundlesResponse(bundle=self.ca.bundle_jwks(),
-                                              federated=federated)
+                                              federated=federated,
+                                              crls=self.ca.revocation_lists())
 
     async def FetchBundles(self, request: agent_pb2.FetchBundlesRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext

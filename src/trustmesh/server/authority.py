@@ -218,7 +218,15 @@ class _Responder:
 
 _SLOTS_SETTING = "ca.slots"
 _LEGACY_SETTING = "ca.state"  # one CA, as written before rotation existed
-_SIGNING_STATES = (SlotState.ACTIVE, SlotState.OLD)  # slots that have signed: CRL and OCSP
+_SIGNING_STATES = (SlotState.ACTIVE, SlotState.OLD)  # slots that have signed: OCSP
+# Slots with CRLs: every published one, so a validator that checks every CA in a chain
+# (Envoy's SPIFFE validator given CRLs) has them before the prepared CA signs anything.
+_CRL_STATES = (SlotState.PREPARED, SlotState.ACTIVE, SlotState.OLD)
+
+
+def root_crl_id(ca_id: str) -> str:
+    """Where the CRL signed by a slot's root is stored and served (/crl/<id>.crl)."""
+    return f"{ca_id}-root"
 
 
 class CertificateAuthority:
@@ -578,7 +586,7 @@ class CertificateAuthority:
         """CRLs and OCSP responders follow the slots that have signed."""
         self._active  # noqa: B018 - fail loudly if the plan left no active CA
         for slot in self._slots:
-            if slot.state in _SIGNING_STATES and self.store.latest_crl(slot.ca_id) is None:
+            if slot.state in _CRL_STATES and self.store.latest_crl(slot.ca_id) is None:
                 self._ensure_crl_for(slot, force=True)
         self._refresh_responders()
 
@@ -856,13 +864,60 @@ class CertificateAuthority:
         with self._lock:
             signed = False
             for slot in self._slots:
-                if slot.state in _SIGNING_STATES and ca_id in (None, slot.ca_id):
+                if slot.state in _CRL_STATES and ca_id in (None, slot.ca_id):
                     signed = self._ensure_crl_for(slot, force=force) or signed
             return signed
+
+    def _ensure_root_crl(self, slot: _Slot, now: datetime) -> None:
+        """The CRL of the slot's own root (the CA certificates it revoked: none, trustmesh
+        never revokes its intermediates), re-signed at half its validity. An upstream root
+        is not ours to sign for."""
+        if slot.upstream or len(slot.key_ids) < 2 or not slot.anchors:
+            return
+        crl_id = root_crl_id(slot.ca_id)
+        latest = self.store.latest_crl(crl_id)
+        if latest is not None:
+            half = latest.this_update + (latest.next_update - latest.this_update) // 2
+            if _epoch(now) < half:
+                return
+        root, key = slot.anchors[0], self.keys.get_key(slot.key_ids[1])
+        if key is None:
+            log.warning("no root key for the root CRL", extra={"ca_id": slot.ca_id})
+            return
+        this_update = (now - self.config.backdate).replace(microsecond=0)
+        next_update = now.replace(microsecond=0) + self.config.crl_validity
+
+        def build(number: int) -> bytes:
+            return build_crl(root, key, [], number=number, this_update=this_update,
+                             next_update=next_update).public_bytes(serialization.Encoding.DER)
+
+        rec = self.store.store_crl(crl_id, this_update=_epoch(this_update),
+                                   next_update=_epoch(next_update), build=build)
+        log.info("signed root CRL", extra={"ca_id": slot.ca_id, "number": rec.number})
+
+    def revocation_lists(self) -> list[bytes]:
+        """The current CRLs (DER) of every published CA and of its root, for validators
+        that check each CA of a chain; empty unless every one is there and unexpired (a
+        chain whose CRL is missing would be refused outright), so an upstream root, whose
+        CRL is not ours, turns this off."""
+        now = _epoch(self.clock.now())
+        out: list[bytes] = []
+        with self._lock:
+            slots = [s for s in self._slots if s.state in _CRL_STATES]
+        for slot in slots:
+            if slot.upstream:
+                return []
+            for crl_id in (slot.ca_id, root_crl_id(slot.ca_id)):
+                rec = self.store.latest_crl(crl_id)
+                if rec is None or rec.next_update <= now:
+                    return []
+                out.append(rec.der)
+        return out
 
     def _ensure_crl_for(self, slot: _Slot, *, force: bool) -> bool:
         with self._lock:
             now = self.clock.now()
+            self._ensure_root_crl(slot, now)
             latest = self.store.latest_crl(slot.ca_id)
             if latest is not None and not force:
                 half = latest.this_update + (latest.next_update - latest.this_update) // 2
@@ -875,8 +930,10 @@ class CertificateAuthority:
                 )
                 for r in self.store.revoked_certificates(slot.ca_id)
             ]
-            this_update = now.replace(microsecond=0)
-            next_update = this_update + self.config.crl_validity
+            # backdated like certificates: a validator whose clock is a little behind
+            # must not see a CRL that is not valid yet (it would refuse every chain)
+            this_update = (now - self.config.backdate).replace(microsecond=0)
+            next_update = now.replace(microsecond=0) + self.config.crl_validity
             authority = slot.authority
 
             def build(number: int) -> bytes:

@@ -141,3 +141,47 @@ def test_secret_version_changes_with_rotation_only() -> None:
     [again] = build_secrets(["default"], [WEB], BUNDLES, "example.org")
     [rotated] = build_secrets(["default"], [svid(WEB.spiffe_id)], BUNDLES, "example.org")
     assert secret_version(a) == secret_version(again) != secret_version(rotated)
+
+
+def _crl(issuer: x509.Certificate, revoked_serials: list[int]) -> x509.CertificateRevocationList:
+    key = ec.generate_private_key(ec.SECP256R1())  # the signature is not what is tested here
+    now = datetime.now(UTC)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(issuer.subject)
+         .last_update(now).next_update(now + timedelta(hours=1)))
+    for serial in revoked_serials:
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                      .revocation_date(now).build())
+    return b.sign(key, hashes.SHA256())
+
+
+def test_crls_join_the_own_trust_domain_in_the_spiffe_validator_only() -> None:
+    crl = _crl(ROOT, [WEB.chain[0].serial_number])
+    [all_] = build_secrets(["ALL"], [WEB], BUNDLES, "example.org", crls=[crl])
+    config = spiffe.SPIFFECertValidatorConfig()
+    assert all_.validation_context.custom_validator_config.typed_config.Unpack(config)
+    pems = {td.name: td.trust_bundle.inline_bytes for td in config.trust_domains}
+    own = pems["example.org"]
+    assert x509.load_pem_x509_certificates(own) == [ROOT]  # the roots, then the CRL
+    assert own.count(b"-----BEGIN X509 CRL-----") == 1
+    assert x509.load_pem_x509_crl(own[own.index(b"-----BEGIN X509 CRL-----"):]) == crl
+    assert b"X509 CRL" not in pems["partner.org"]  # a federated trust domain's are not ours
+    [without] = build_secrets(["ALL"], [WEB], BUNDLES, "example.org")
+    assert secret_version(without) != secret_version(all_)  # a new CRL is a new version
+
+
+def test_a_revoked_svid_is_due_for_renewal_at_once() -> None:
+    from trustmesh.agent.cache import CachedEntry, SvidCache
+
+    cache = SvidCache()
+    entry = CachedEntry(WEB.entry_id, WEB.spiffe_id, "spiffe://example.org/node",
+                        frozenset({"unix:uid:1"}), 3600, 300, (), (), "", 1)
+    cache.apply_changes([entry], [], 1)
+    fresh = CachedSvid(entry.id, 1, WEB.spiffe_id, WEB.key, WEB.chain,
+                       received_at=WEB.not_before)
+    cache.store([fresh])
+    assert cache.due(WEB.not_before + 60) == []
+    leaf = WEB.chain[0]
+    cache.revoked = frozenset({(leaf.issuer.public_bytes(), leaf.serial_number + 1)})
+    assert cache.due(WEB.not_before + 60) == []  # another serial
+    cache.revoked = frozenset({(leaf.issuer.public_bytes(), leaf.serial_number)})
+    assert cache.due(WEB.not_before + 60) == [entry.id]

@@ -120,7 +120,7 @@ def _agent(spiffe_ids: list[str], issued: bool = True) -> Any:
     if issued:
         _issue(cache)
     return SimpleNamespace(cache=cache, changes=ChangeNotifier(), roots=(ROOT,),
-                           federated_for=lambda tds: {},
+                           federated_for=lambda tds: {}, current_crls=lambda: (),
                            node=SimpleNamespace(spiffe_id=f"spiffe://{TD}/node"))
 
 

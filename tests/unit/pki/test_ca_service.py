@@ -49,7 +49,9 @@ def test_crl_is_resigned_after_half_its_validity(ca: CertificateAuthority) -> No
     clock.advance(timedelta(minutes=2))
     assert ca.ensure_crl() is True and crl_number(ca) == first + 1
     crl = x509.load_der_x509_crl(ca.crl_der(ca.ca_id))
-    assert crl.last_update_utc == clock.now().replace(microsecond=0)
+    # backdated by the configured skew, as certificates are
+    assert crl.last_update_utc == (clock.now() - ca.config.backdate).replace(microsecond=0)
+    assert crl.next_update_utc == clock.now().replace(microsecond=0) + ca.config.crl_validity
 
 
 def test_revocation_resigns_the_crl_at_once(ca: CertificateAuthority) -> None:

@@ -20,7 +20,7 @@ from trustmesh.errors import ConfigError
 from trustmesh.pki.ca import ca_id_of
 from trustmesh.pki.keys.disk import DiskKeyManager
 from trustmesh.pki.keys.memory import MemoryKeyManager
-from trustmesh.server.authority import CertificateAuthority, IssueParams
+from trustmesh.server.authority import CertificateAuthority, IssueParams, root_crl_id
 from trustmesh.store.datastore import Datastore
 
 # 60h CA: the successor is published at 30h and signs at 50h; leaves last 1h.
@@ -259,3 +259,62 @@ def test_a_data_directory_from_before_rotation_is_loaded(tmp_path: Path) -> None
 def test_a_ttl_too_short_to_rotate_is_refused(values: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ServerConfig.build({}, values)
+
+
+def _crls(ca: CertificateAuthority) -> list[x509.CertificateRevocationList]:
+    return [x509.load_der_x509_crl(d) for d in ca.revocation_lists()]
+
+
+def test_validators_get_a_crl_for_every_published_ca_and_its_root(
+        ca: CertificateAuthority) -> None:
+    """Envoy's SPIFFE validator checks every CA of a chain once it has CRLs: each
+    published CA and each root must have one, the prepared CA's before it signs."""
+    [one, root_crl] = _crls(ca)
+    assert one.issuer == ca.authority.certificate.subject
+    assert one.is_signature_valid(ca.authority.certificate.public_key())  # type: ignore[arg-type]
+    assert root_crl.issuer == ca.anchors[0].subject and len(root_crl) == 0
+    assert root_crl.is_signature_valid(ca.anchors[0].public_key())  # type: ignore[arg-type]
+    issued = ca.issue(IssueParams(csr=csr(), template="end-entity"), "t")
+    ca.revoke(issued.serial, "keyCompromise", "t")
+    [one, _] = _crls(ca)
+    assert one.get_revoked_certificate_by_serial_number(int(issued.serial, 16)) is not None
+
+    advance(ca, 30 * H)  # a CA is prepared: its CRLs are there before it signs
+    assert states(ca) == ["active", "prepared"]
+    [prepared] = [c for c, state in ca.slot_states() if state == "prepared"]
+    assert ca.store.latest_crl(prepared) is not None
+    assert ca.store.latest_crl(root_crl_id(prepared)) is not None
+    ca.ensure_crl()  # housekeeping re-signs the active CA's CRLs, expired by now
+    issuers = [c.issuer for c in _crls(ca)]
+    assert len(issuers) == 4 and len(set(issuers)) == 4
+    assert {a.subject for a in ca.anchors} <= set(issuers)
+
+
+def test_no_crls_for_validators_once_one_has_expired(ca: CertificateAuthority) -> None:
+    assert len(_crls(ca)) == 2
+    clock = ca.clock
+    assert isinstance(clock, FixedClock)
+    clock.advance(ca.config.crl_validity + timedelta(seconds=1))  # nobody re-signed them
+    assert ca.revocation_lists() == []
+    ca.ensure_crl()
+    assert len(_crls(ca)) == 2
+
+
+def test_no_crls_for_validators_under_an_upstream_root(tmp_path: Path) -> None:
+    up_key = ec.generate_private_key(ec.SECP256R1())
+    clock = FixedClock()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Corp Root")])
+    up = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+          .public_key(up_key.public_key()).serial_number(1)
+          .not_valid_before(clock.now() - H).not_valid_after(clock.now() + 1000 * H)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=2), critical=True)
+          .sign(up_key, hashes.SHA256()))
+    (tmp_path / "up.pem").write_bytes(up.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "up.key").write_bytes(up_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    config = make_config(tmp_path, upstream_ca_cert=str(tmp_path / "up.pem"),
+                         upstream_ca_key=str(tmp_path / "up.key"))
+    ca = CertificateAuthority(config, open_store(config), MemoryKeyManager(), clock)
+    assert ca.store.latest_crl(ca.ca_id) is not None  # its own CRL is still published
+    assert ca.revocation_lists() == []  # but the upstream root's CRL is not ours
