@@ -4,7 +4,10 @@ Seeded random AuthorizationPolicy sets (ALLOW/DENY/AUDIT, dry run, selectors,
 root namespace, principals, namespaces, IP blocks, hosts, ports, methods,
 paths, header, SNI, IP and namespace conditions, their ``not`` forms) are
 compiled with trustmesh's RBAC compiler into one real Envoy, one mTLS listener
-per set, built by the same listener compiler the sidecars get over ADS.
+per set, built by the same compiler that makes the sidecars' listeners and
+route configurations (for HTTP: the fixed RBAC filters on the listener, the
+policies' rules as per-route configs; the route configuration the sidecars get
+over RDS is put inline here, where there is no xDS server).
 Requests come from three client identities holding X509-SVIDs signed in
 process by trustmesh's own PKI code. For every request:
 
@@ -63,7 +66,12 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
 from harness import free_port
-from trustmesh.mesh.envoy.compile import InboundPort, SidecarPlan, compile_clusters
+from trustmesh.mesh.envoy.compile import (
+    InboundPort,
+    SidecarPlan,
+    compile_clusters,
+    compile_static_listeners,
+)
 from trustmesh.mesh.envoy.compile import compile_listeners as compile_all_listeners
 from trustmesh.mesh.envoy.rbac import compile_http_rbac, compile_network_rbac
 from trustmesh.mesh.sidecar import envoy_binary
@@ -303,7 +311,7 @@ def running_envoy(base: Path, inbound: Sequence[InboundPort]) -> Iterator[Path]:
     plan = SidecarPlan(node_id="default/echo", spiffe_id="unused", address="127.0.0.1",
                        inbound=tuple(inbound))
     log = base / "access.log"
-    listeners = compile_all_listeners(plan)
+    listeners = compile_static_listeners(plan)
     for listener in listeners:
         _with_file_tls_and_log(listener, base, log)
     clusters = list({c.name: c for c in compile_clusters(plan)}.values())
@@ -449,8 +457,9 @@ def world() -> Iterator[dict[str, Any]]:
             for i in range(HTTP_SETS):
                 docs, policies = random_policies(rng, f"h{i}", app_port)
                 port = free_port()
-                inbound.append(InboundPort(app_port, port, "HTTP", "STRICT", http_filters=tuple(
-                    compile_http_rbac(policies, "default", LABELS, app_port, ROOT_NS))))
+                inbound.append(InboundPort(app_port, port, "HTTP", "STRICT", http_rbac=tuple(
+                    compile_http_rbac(policies, "default", LABELS, app_port,
+                                      ROOT_NS).items())))
                 http_sets.append({"port": port, "policies": policies, "docs": docs})
             for i in range(TCP_SETS):
                 docs, policies = random_policies(rng, f"t{i}", tcp_port)

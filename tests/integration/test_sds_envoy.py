@@ -37,7 +37,7 @@ from trustmesh.mesh.envoy.compile import (
     SidecarPlan,
     Upstream,
     compile_clusters,
-    compile_listeners,
+    compile_static_listeners,
 )
 from trustmesh.mesh.sidecar import envoy_binary
 
@@ -122,7 +122,8 @@ class Mesh:
         return envoy
 
     def compiled(self, name: str, plan: SidecarPlan, uid: int, delta: bool = False) -> Envoy:
-        """An Envoy with trustmesh's own bootstrap and compiled listeners, made static."""
+        """An Envoy with trustmesh's own bootstrap and compiled listeners (routes inline),
+        made static."""
         admin_port = free_port()
         boot = bootstrap_pb2.Bootstrap()
         boot.CopyFrom(build_bootstrap(BootstrapParams(
@@ -131,7 +132,7 @@ class Mesh:
             admin_port=admin_port)))
         boot.ClearField("dynamic_resources")
         del boot.static_resources.clusters[1:]  # only the SDS cluster; no ADS here
-        boot.static_resources.listeners.extend(compile_listeners(plan))
+        boot.static_resources.listeners.extend(compile_static_listeners(plan))
         boot.static_resources.clusters.extend(compile_clusters(plan))
         text = json_format.MessageToJson(boot)
         if delta:  # incremental SDS (DeltaSecrets) instead of state of the world

@@ -2,8 +2,9 @@
 
 The registry (Workload, Service) says where things are; PeerAuthentication
 says which mTLS mode each inbound port runs; AuthorizationPolicy becomes the
-RBAC filters of each inbound port. ``explain`` asks the same evaluator the
-RBAC filters were compiled from, so the two cannot disagree.
+RBAC of each inbound port (per-route RBAC configs on HTTP ports, network RBAC
+filters on TCP ports). ``explain`` asks the same evaluator the RBAC was
+compiled from, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def plan_sidecar(resources: Sequence[Any], workload: Any, trust_domain: str,
             inbound.append(InboundPort(
                 port=port, sidecar_port=int(p["sidecarPort"]), protocol=protocol,
                 mtls_mode=str(mode),
-                http_filters=tuple(envoy_rbac.compile_http_rbac(
-                    authz_policies, namespace, labels, port, root_namespace))))
+                http_rbac=tuple(envoy_rbac.compile_http_rbac(
+                    authz_policies, namespace, labels, port, root_namespace).items())))
     upstreams = []
     for u in spec.get("upstreams") or []:
         up = _upstream(resources, str(u["service"]), int(u["port"]), namespace,

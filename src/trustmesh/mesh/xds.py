@@ -1,12 +1,16 @@
-"""ADS: the server streams each sidecar its listeners and clusters (xDS v3, SotW).
+"""ADS: the server streams each sidecar its clusters, listeners and routes (xDS v3, SotW).
 
 A thin shell over a :class:`ConfigSource`: the sidecar is known by its
 X509-SVID (mutual TLS on the server's agent API port), it must be the
 workload its Envoy node ID names, and it receives exactly that workload's
-compiled configuration. Versions are content hashes, so a change elsewhere in
-the mesh pushes nothing to sidecars whose configuration did not change. NACKs
-are logged and counted; they never stop other sidecars, and the rejected
-version is not sent again.
+compiled configuration. Versions are content hashes per type, so a change
+elsewhere in the mesh pushes nothing to sidecars whose configuration did not
+change, and a policy change, which moves only the route configurations that
+carry HTTP RBAC, pushes only RDS (the listeners, and the connections they
+hold, stay as they are). Clusters and listeners are sent whole (wildcard);
+route configurations only by the names Envoy asks for, which it does once it
+has accepted the listeners that use them. NACKs are logged and counted; they
+never stop other sidecars, and the rejected version is not sent again.
 """
 
 from __future__ import annotations
@@ -26,15 +30,19 @@ from google.protobuf.message import Message
 
 from trustmesh.errors import InvalidInput, NotFound, PermissionDenied, TrustmeshError
 from trustmesh.log import get_logger
-from trustmesh.mesh.envoy.compile import CLUSTER_TYPE, LISTENER_TYPE
+from trustmesh.mesh.envoy.compile import CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE
 from trustmesh.spiffe.svid import spiffe_id_from_certificate
 
 __all__ = ["AdsServer", "ConfigSource", "NodeConfig", "XdsStats"]
 
 log = get_logger("trustmesh.mesh.xds")
 
-# Clusters before listeners: a listener must never point at a cluster Envoy lacks.
-_PUSH_ORDER = (CLUSTER_TYPE, LISTENER_TYPE)
+# Clusters before listeners (a listener must never point at a cluster Envoy lacks), routes
+# last: they are asked for by the listeners.
+_PUSH_ORDER = (CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+# Types where a request without names asks for everything; for the others (routes) it asks
+# for nothing.
+_WILDCARD_TYPES = frozenset({CLUSTER_TYPE, LISTENER_TYPE})
 _WAKE = object()
 
 
@@ -136,8 +144,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     config = await self._config(node_id, peer)
                     for type_url in _PUSH_ORDER:
                         sub = subs.get(type_url)
-                        if sub is not None and config.versions.get(type_url) not in (
-                                sub.sent_version, sub.nacked_version):
+                        if sub is None or not (sub.names or type_url in _WILDCARD_TYPES):
+                            continue
+                        if config.versions.get(type_url) not in (sub.sent_version,
+                                                                 sub.nacked_version):
                             yield self._response(type_url, config, sub)
                     continue
                 req: discovery_pb2.DiscoveryRequest = item
@@ -206,7 +216,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     def _response(self, type_url: str, config: NodeConfig, sub: _Subscription
                   ) -> discovery_pb2.DiscoveryResponse:
         resources = config.resources.get(type_url, ())
-        if sub.names:
+        if sub.names or type_url not in _WILDCARD_TYPES:
             wanted = set(sub.names)
             resources = tuple(r for r in resources if getattr(r, "name", "") in wanted)
         version = config.versions.get(type_url, "0")

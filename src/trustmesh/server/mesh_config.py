@@ -22,8 +22,10 @@ from trustmesh.log import get_logger
 from trustmesh.mesh.envoy.compile import (
     CLUSTER_TYPE,
     LISTENER_TYPE,
+    ROUTE_TYPE,
     compile_clusters,
     compile_listeners,
+    compile_routes,
     resource_version,
 )
 from trustmesh.mesh.xds import NodeConfig
@@ -211,10 +213,12 @@ class MeshConfigService:
                                       self.root_namespace)
         clusters = tuple(compile_clusters(plan))
         listeners = tuple(compile_listeners(plan))
+        routes = tuple(compile_routes(plan))  # HTTP RBAC: a policy change moves only these
         config = NodeConfig(
-            resources={CLUSTER_TYPE: clusters, LISTENER_TYPE: listeners},
+            resources={CLUSTER_TYPE: clusters, LISTENER_TYPE: listeners, ROUTE_TYPE: routes},
             versions={CLUSTER_TYPE: resource_version(clusters),
-                      LISTENER_TYPE: resource_version(listeners)})
+                      LISTENER_TYPE: resource_version(listeners),
+                      ROUTE_TYPE: resource_version(routes)})
         with self._lock:
             if self._snapshot is snap:
                 self._compiled[node_id] = config

@@ -1,6 +1,8 @@
-"""The RBAC filters compiled from AuthorizationPolicies: their shape (order, actions,
-names, matchers, shadow rules), and, on generated policies and requests, the same verdict
-as the evaluator when the compiled config is read with Envoy's RBAC semantics.
+"""The RBAC compiled from AuthorizationPolicies: the fixed, neutral HTTP filters and the
+per-route configs that fill them (order, actions, names, matchers, shadow rules), the
+network filters, and, on generated policies and requests, the same verdict as the
+evaluator when the compiled config is read with Envoy's RBAC semantics (a filter whose
+route gives it an empty RBACPerRoute is off; otherwise the route's rules are in force).
 
 The real Envoy is the judge in tests/integration/test_envoy_rbac_equivalence.py; the small
 reader of RBAC messages below lets hypothesis explore many more combinations quickly.
@@ -22,7 +24,12 @@ from envoy.type.matcher.v3 import string_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trustmesh.mesh.envoy.rbac import compile_http_rbac, compile_network_rbac
+from trustmesh.mesh.envoy.rbac import (
+    HTTP_RBAC_SLOTS,
+    compile_http_rbac,
+    compile_network_rbac,
+    http_rbac_filters,
+)
 from trustmesh.policy.authz import AuthzRequest, evaluate, normalise_path
 from trustmesh.policy.mesh_model import AuthorizationPolicy, load_mesh_resources
 
@@ -36,14 +43,27 @@ def load(text: str) -> list[AuthorizationPolicy]:
     return [r for r in load_mesh_resources(text) if isinstance(r, AuthorizationPolicy)]
 
 
-def http_configs(policies: Sequence[AuthorizationPolicy], protocol: str = "HTTP"
-                 ) -> list[http_rbac.RBAC]:
+def per_route(policies: Sequence[AuthorizationPolicy]) -> dict[str, http_rbac.RBACPerRoute]:
+    out = compile_http_rbac(policies, "default", LABELS, APP_PORT, ROOT)
+    assert list(out) == [f.name for f in http_rbac_filters()]  # every filter, in chain order
+    return out
+
+
+def filter_config(f: Any) -> http_rbac.RBAC:
+    config = http_rbac.RBAC()
+    assert f.typed_config.Unpack(config)
+    return config
+
+
+def http_configs(policies: Sequence[AuthorizationPolicy]) -> list[http_rbac.RBAC]:
+    """The RBAC configs Envoy evaluates for a request, in filter order: for each filter of
+    the fixed chain, its route's RBACPerRoute.rbac, or nothing when that is empty (off)."""
+    routes = per_route(policies)
     out = []
-    for f in compile_http_rbac(policies, "default", LABELS, APP_PORT, ROOT):
-        assert f.name == "envoy.filters.http.rbac"
-        config = http_rbac.RBAC()
-        assert f.typed_config.Unpack(config)
-        out.append(config)
+    for f in http_rbac_filters():
+        route = routes[f.name]
+        if route.HasField("rbac"):
+            out.append(route.rbac)
     return out
 
 
@@ -82,7 +102,43 @@ def test_filter_order_actions_and_names() -> None:
         ("rules", "DENY", ["default/deny/rule-0", "default/deny/rule-1"]),
         ("rules", "ALLOW", ["istio-system/mesh/rule-0"]),
     ]
-    assert configs[1].shadow_rules_stat_prefix == "dry_run_deny_"
+    routes = per_route(policies)
+    assert [name for name, r in routes.items() if r.HasField("rbac")] == [
+        "trustmesh.rbac.audit", "trustmesh.rbac.deny_dry_run", "trustmesh.rbac.deny",
+        "trustmesh.rbac.allow"]
+    # Envoy names the shadow result (dynamic metadata, stats) with the filter's prefix
+    filters = {f.name: filter_config(f) for f in http_rbac_filters()}
+    assert filters["trustmesh.rbac.deny_dry_run"].shadow_rules_stat_prefix == "dry_run_deny_"
+
+
+def test_http_filters_are_fixed_and_enforce_nothing_by_themselves() -> None:
+    filters = http_rbac_filters()
+    assert [f.name for f in filters] == [
+        "trustmesh.rbac.audit", "trustmesh.rbac.audit_dry_run", "trustmesh.rbac.deny_dry_run",
+        "trustmesh.rbac.allow_dry_run", "trustmesh.rbac.deny", "trustmesh.rbac.allow"]
+    assert [(s.action, s.dry_run) for s in HTTP_RBAC_SLOTS] == [
+        ("AUDIT", False), ("AUDIT", True), ("DENY", True), ("ALLOW", True), ("DENY", False),
+        ("ALLOW", False)]
+    for f, slot in zip(filters, HTTP_RBAC_SLOTS, strict=True):
+        config = filter_config(f)
+        # no rules, no matcher: Envoy's RBAC filter then applies no policy at all
+        assert not config.HasField("rules") and not config.HasField("shadow_rules")
+        assert not config.HasField("matcher") and not config.HasField("shadow_matcher")
+        assert config.shadow_rules_stat_prefix == (
+            f"dry_run_{slot.action.lower()}_" if slot.dry_run else "")
+    assert filters == http_rbac_filters()
+
+
+def test_slots_no_policy_fills_are_turned_off_per_route() -> None:
+    routes = per_route(load(ap("deny", "{action: DENY, rules: [{}]}")))
+    assert routes["trustmesh.rbac.deny"].rbac.rules.action == rbac.RBAC.DENY
+    for name, route in routes.items():
+        if name != "trustmesh.rbac.deny":
+            assert route == http_rbac.RBACPerRoute()  # no rbac: the filter is off here
+    # policies that select other workloads leave every slot off
+    assert all(r == http_rbac.RBACPerRoute() for r in per_route(load(ap(
+        "d", "{action: DENY, rules: [{}], selector: {matchLabels: {app: other}}}"))).values())
+    assert all(r == http_rbac.RBACPerRoute() for r in per_route([]).values())
 
 
 def test_allow_nothing_is_an_allow_filter_without_policies() -> None:

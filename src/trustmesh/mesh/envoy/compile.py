@@ -1,11 +1,19 @@
-"""Compile one sidecar's plan into Envoy listeners and clusters (xDS v3 messages).
+"""Compile one sidecar's plan into Envoy listeners, routes and clusters (xDS v3 messages).
 
 Pure: a :class:`SidecarPlan` in, protobuf messages out. The plan says what the
 sidecar must do (accept mTLS for these ports under these modes and RBAC
-filters, offer these upstreams on loopback); this module only knows how Envoy
+rules, offer these upstreams on loopback); this module only knows how Envoy
 spells it. Certificates never appear here: every TLS context names SDS
 secrets that the node's agent serves (the workload's SVID and the ``ALL``
 validation context with the SPIFFE validator).
+
+An inbound HTTP listener does not depend on policy: its connection manager
+has the fixed RBAC filters of :func:`~trustmesh.mesh.envoy.rbac.http_rbac_filters`
+and takes its routes over RDS (route configuration ``inbound|<sidecarPort>``),
+where the policies' RBACPerRoute configs live. A policy change is then a new
+route configuration, which Envoy applies to the next request on every open
+connection, and never a listener change (which would drain connections and
+leave the old filters judging requests on them meanwhile).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from envoy.config.core.v3 import protocol_pb2 as core_protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -32,6 +41,8 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 
+from trustmesh.mesh.envoy.rbac import HTTP_RBAC_SLOTS, http_rbac_filters
+
 __all__ = [
     "ALL_BUNDLES_SECRET",
     "GATEWAY_CERT_SECRET",
@@ -39,18 +50,23 @@ __all__ = [
     "GatewayListener",
     "CLUSTER_TYPE",
     "LISTENER_TYPE",
+    "ROUTE_TYPE",
     "SDS_CLUSTER",
     "InboundPort",
     "SidecarPlan",
     "Upstream",
     "compile_clusters",
     "compile_listeners",
+    "compile_routes",
+    "compile_static_listeners",
+    "inbound_route_name",
     "resource_version",
     "sds_secret",
 ]
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 SDS_CLUSTER = "sds-grpc"  # the static cluster of the bootstrap that reaches the agent
 ALL_BUNDLES_SECRET = "ALL"  # noqa: S105 - an SDS resource name; the agent's SDS name for every trust bundle (SPIFFE validator)
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC"})
@@ -64,7 +80,9 @@ class InboundPort:
     sidecar_port: int  # where the sidecar accepts connections for it
     protocol: str  # HTTP | HTTP2 | GRPC | TCP
     mtls_mode: str  # STRICT | PERMISSIVE | DISABLE
-    http_filters: tuple[Message, ...] = ()  # RBAC HttpFilters, in order (router added here)
+    # HTTP ports: (RBAC filter name, RBACPerRoute) from compile_http_rbac; a slot left out
+    # is off. They go to the port's route configuration, not to the listener.
+    http_rbac: tuple[tuple[str, Message], ...] = ()
     network_filters: tuple[Message, ...] = ()  # RBAC network Filters for TCP ports
 
 
@@ -161,17 +179,32 @@ def _router() -> hcm_pb2.HttpFilter:
                               typed_config=_any(router_pb2.Router()))
 
 
-def _hcm(stat_prefix: str, cluster: str, http_filters: Sequence[Message], *,
-         inbound_mtls: bool, inbound: bool) -> listener_components_pb2.Filter:
-    route = route_pb2.RouteConfiguration(name=stat_prefix, virtual_hosts=[
+def _route(name: str, cluster: str) -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=[
         route_components_pb2.VirtualHost(
-            name=stat_prefix, domains=["*"], routes=[route_components_pb2.Route(
+            name=name, domains=["*"], routes=[route_components_pb2.Route(
                 match=route_components_pb2.RouteMatch(prefix="/"),
                 route=route_components_pb2.RouteAction(
                     cluster=cluster, timeout=duration_pb2.Duration(seconds=0)))])])
+
+
+def _rds(route_name: str) -> hcm_pb2.Rds:
+    return hcm_pb2.Rds(route_config_name=route_name, config_source=(
+        config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
+                                       resource_api_version=config_source_pb2.V3)))
+
+
+def _hcm(stat_prefix: str, route: route_pb2.RouteConfiguration | str,
+         http_filters: Sequence[Message], *, inbound_mtls: bool, inbound: bool
+         ) -> listener_components_pb2.Filter:
+    """A connection manager with ``route`` inline, or taken over RDS when it is a name."""
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix, codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        route_config=route, http_filters=[*http_filters, _router()])
+        http_filters=[*http_filters, _router()])
+    if isinstance(route, str):
+        manager.rds.CopyFrom(_rds(route))
+    else:
+        manager.route_config.CopyFrom(route)
     if inbound:
         # Policies see the path Envoy routes on: normalised, slashes merged.
         manager.normalize_path.value = True
@@ -201,12 +234,18 @@ def outbound_cluster_name(up: Upstream) -> str:
     return f"outbound|{up.name}"
 
 
+def inbound_route_name(port: InboundPort) -> str:
+    """The route configuration of an inbound HTTP port (all its filter chains share it)."""
+    return f"inbound|{port.sidecar_port}"
+
+
 def _inbound_chain(plan: SidecarPlan, port: InboundPort, *, tls: bool
                    ) -> listener_components_pb2.FilterChain:
     cluster = inbound_cluster_name(port)
     prefix = f"inbound_{port.sidecar_port}_{'mtls' if tls else 'plaintext'}"
     if port.protocol in HTTP_PROTOCOLS:
-        filters = [_hcm(prefix, cluster, port.http_filters, inbound_mtls=tls, inbound=True)]
+        filters = [_hcm(prefix, inbound_route_name(port), http_rbac_filters(),
+                        inbound_mtls=tls, inbound=True)]
     else:
         filters = [*port.network_filters, _tcp_proxy(prefix, cluster)]
     chain = listener_components_pb2.FilterChain(name=prefix, filters=filters)
@@ -246,7 +285,8 @@ def _outbound_listener(plan: SidecarPlan, up: Upstream) -> listener_pb2.Listener
     prefix = f"outbound_{up.local_port}"
     cluster = outbound_cluster_name(up)
     if up.protocol in HTTP_PROTOCOLS:
-        filters = [_hcm(prefix, cluster, (), inbound_mtls=False, inbound=False)]
+        filters = [_hcm(prefix, _route(prefix, cluster), (), inbound_mtls=False,
+                        inbound=False)]
     else:
         filters = [_tcp_proxy(prefix, cluster)]
     return listener_pb2.Listener(
@@ -300,6 +340,42 @@ def compile_listeners(plan: SidecarPlan) -> list[listener_pb2.Listener]:
     out += [_outbound_listener(plan, u) for u in plan.upstreams]
     out += [_gateway_listener(plan, g) for g in plan.gateways]
     return out
+
+
+def _inbound_route(port: InboundPort) -> route_pb2.RouteConfiguration:
+    route = _route(inbound_route_name(port), inbound_cluster_name(port))
+    configs = dict(port.http_rbac)
+    unknown = set(configs) - {slot.name for slot in HTTP_RBAC_SLOTS}
+    if unknown:
+        raise ValueError(f"no RBAC filter named {sorted(unknown)} on inbound HTTP listeners")
+    per_filter = route.virtual_hosts[0].typed_per_filter_config
+    for slot in HTTP_RBAC_SLOTS:  # every slot, so that none falls back to its filter's config
+        per_filter[slot.name].CopyFrom(_any(configs.get(slot.name,
+                                                        http_rbac_pb2.RBACPerRoute())))
+    return route
+
+
+def compile_routes(plan: SidecarPlan) -> list[route_pb2.RouteConfiguration]:
+    """The route configuration of each inbound HTTP port, carrying its RBAC (served by RDS)."""
+    return [_inbound_route(p) for p in plan.inbound if p.protocol in HTTP_PROTOCOLS]
+
+
+def compile_static_listeners(plan: SidecarPlan) -> list[listener_pb2.Listener]:
+    """The listeners with their RDS route configurations inline, for an Envoy without an
+    xDS server (a static bootstrap; ``envoy --mode validate``). Same filters, same routes."""
+    routes = {r.name: r for r in compile_routes(plan)}
+    listeners = compile_listeners(plan)
+    for listener in listeners:
+        for chain in listener.filter_chains:
+            for f in chain.filters:
+                if f.name != "envoy.filters.network.http_connection_manager":
+                    continue
+                manager = hcm_pb2.HttpConnectionManager()
+                f.typed_config.Unpack(manager)
+                if manager.HasField("rds"):
+                    manager.route_config.CopyFrom(routes[manager.rds.route_config_name])
+                    f.typed_config.Pack(manager)
+    return listeners
 
 
 def _static_cluster(name: str, endpoints: Sequence[tuple[str, int]]) -> cluster_pb2.Cluster:

@@ -1,20 +1,32 @@
-"""AuthorizationPolicies -> Envoy RBAC filters for one workload port. Pure.
+"""AuthorizationPolicies -> Envoy RBAC for one workload port. Pure.
 
 The compiler walks the same effective rules and uses the same string, host and
 namespace patterns as :mod:`trustmesh.policy.authz`, so a request is allowed
 by the sidecar exactly when ``policy explain`` says so.
 
-Filter order on a port: AUDIT (action LOG), dry-run policies (shadow rules,
-never enforced), DENY, ALLOW. An ALLOW filter exists as soon as one ALLOW
-policy selects the workload; one with no matching rule denies everything
-(``spec: {}`` allows nothing). Denied requests get Envoy's standard
-``403 RBAC: access denied``. Envoy policy names are ``<ns>/<name>/rule-<i>``.
+HTTP ports get a fixed chain of RBAC filters, one per slot, in evaluation
+order: AUDIT (action LOG), the dry-run slots (shadow rules, never enforced),
+DENY, ALLOW. The filters themselves are neutral (no rules: they enforce
+nothing); the rules of the policies that select the workload reach them as
+``RBACPerRoute`` configs in the port's route configuration, keyed by the
+slot's filter name. Envoy reads the route configuration for every request, so
+a policy change is a route update (RDS) that applies to the next request on
+connections already open, where a listener update would leave those
+connections on the old filters until they drain. A slot no policy fills gets
+an empty ``RBACPerRoute``, which turns the filter off for the route.
+
+The ALLOW slot is filled as soon as one ALLOW policy selects the workload;
+one with no matching rule denies everything (``spec: {}`` allows nothing).
+Denied requests get Envoy's standard ``403 RBAC: access denied``. TCP ports
+keep network RBAC filters on the listener (there are no routes). Envoy policy
+names are ``<ns>/<name>/rule-<i>``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from envoy.config.core.v3 import address_pb2
 from envoy.config.listener.v3 import listener_components_pb2
@@ -31,7 +43,8 @@ from google.protobuf import any_pb2
 from trustmesh.policy.authz import applicable_policies, effective_rules, host_regex, namespace_regex
 from trustmesh.policy.mesh_model import AuthorizationPolicy, Condition, Operation, Rule, Source
 
-__all__ = ["compile_http_rbac", "compile_network_rbac", "compile_policies"]
+__all__ = ["HTTP_RBAC_SLOTS", "HttpRbacSlot", "compile_http_rbac", "compile_network_rbac",
+           "compile_policies", "http_rbac_filters"]
 
 _ACTIONS = {"ALLOW": rbac.RBAC.ALLOW, "DENY": rbac.RBAC.DENY, "AUDIT": rbac.RBAC.LOG}
 _PRINCIPAL_KEYS = ("source.ip", "remote.ip", "source.namespace", "source.principal")
@@ -242,16 +255,41 @@ def compile_policies(policies: Iterable[AuthorizationPolicy], protocol: str, por
 
 
 # -- filters ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HttpRbacSlot:
+    """One RBAC filter of an HTTP port's fixed chain."""
+
+    name: str  # the HTTP filter's name; its RBACPerRoute is keyed by it
+    action: str  # ALLOW | DENY | AUDIT
+    dry_run: bool
+
+    @property
+    def shadow_stat_prefix(self) -> str:
+        # Envoy names the shadow engine's dynamic metadata and stats with the prefix of the
+        # filter's own config; one in RBACPerRoute is ignored (seen with Envoy 1.40).
+        return f"dry_run_{self.action.lower()}_" if self.dry_run else ""
+
+
+# Evaluation order (Istio's): AUDIT, the dry runs, DENY, ALLOW.
+HTTP_RBAC_SLOTS = (
+    HttpRbacSlot("trustmesh.rbac.audit", "AUDIT", False),
+    HttpRbacSlot("trustmesh.rbac.audit_dry_run", "AUDIT", True),
+    HttpRbacSlot("trustmesh.rbac.deny_dry_run", "DENY", True),
+    HttpRbacSlot("trustmesh.rbac.allow_dry_run", "ALLOW", True),
+    HttpRbacSlot("trustmesh.rbac.deny", "DENY", False),
+    HttpRbacSlot("trustmesh.rbac.allow", "ALLOW", False),
+)
+
+
 def _groups(policies: Iterable[AuthorizationPolicy], namespace: str, labels: Mapping[str, str],
-            root_namespace: str) -> list[tuple[str, bool, list[AuthorizationPolicy]]]:
-    """(action, dry run, policies) in filter order."""
+            root_namespace: str) -> list[tuple[HttpRbacSlot, list[AuthorizationPolicy]]]:
+    """(slot, policies) in filter order, for the slots that some policy fills."""
     selected = applicable_policies(policies, namespace, labels, root_namespace)
     out = []
-    for action, dry in (("AUDIT", False), ("AUDIT", True), ("DENY", True), ("ALLOW", True),
-                        ("DENY", False), ("ALLOW", False)):
-        group = [p for p in selected if p.action == action and p.dry_run == dry]
+    for slot in HTTP_RBAC_SLOTS:
+        group = [p for p in selected if p.action == slot.action and p.dry_run == slot.dry_run]
         if group:
-            out.append((action, dry, group))
+            out.append((slot, group))
     return out
 
 
@@ -261,21 +299,32 @@ def _pack(msg: object) -> any_pb2.Any:
     return out
 
 
+def http_rbac_filters() -> list[hcm_pb2.HttpFilter]:
+    """The RBAC filters of every inbound HTTP port, before the router.
+
+    The same for every policy: none has rules, so none decides anything until a route
+    gives it an RBACPerRoute (see :func:`compile_http_rbac`).
+    """
+    return [hcm_pb2.HttpFilter(name=slot.name, typed_config=_pack(http_rbac.RBAC(
+        shadow_rules_stat_prefix=slot.shadow_stat_prefix))) for slot in HTTP_RBAC_SLOTS]
+
+
 def compile_http_rbac(policies: Iterable[AuthorizationPolicy], namespace: str,
                       labels: Mapping[str, str], port: int, root_namespace: str
-                      ) -> list[hcm_pb2.HttpFilter]:
-    """HTTP RBAC filters for a workload's HTTP port (before the router)."""
-    filters = []
-    for action, dry, group in _groups(policies, namespace, labels, root_namespace):
-        rules = rbac.RBAC(action=_ACTIONS[action], policies=compile_policies(group, "HTTP", port))
-        if action == "DENY" and not rules.policies and not dry:
+                      ) -> dict[str, http_rbac.RBACPerRoute]:
+    """The RBACPerRoute of every slot (by filter name, in filter order) for a workload's
+    HTTP port; an empty one turns its filter off."""
+    out = {slot.name: http_rbac.RBACPerRoute() for slot in HTTP_RBAC_SLOTS}
+    for slot, group in _groups(policies, namespace, labels, root_namespace):
+        rules = rbac.RBAC(action=_ACTIONS[slot.action],
+                          policies=compile_policies(group, "HTTP", port))
+        if slot.action == "DENY" and not rules.policies and not slot.dry_run:
             continue  # a DENY policy without rules denies nothing
-        config = (http_rbac.RBAC(shadow_rules=rules,
-                                 shadow_rules_stat_prefix=f"dry_run_{action.lower()}_")
-                  if dry else http_rbac.RBAC(rules=rules))
-        filters.append(hcm_pb2.HttpFilter(name="envoy.filters.http.rbac",
-                                          typed_config=_pack(config)))
-    return filters
+        # the shadow prefix is the filter's: Envoy ignores one given here
+        config = (http_rbac.RBAC(shadow_rules=rules) if slot.dry_run
+                  else http_rbac.RBAC(rules=rules))
+        out[slot.name] = http_rbac.RBACPerRoute(rbac=config)
+    return out
 
 
 def compile_network_rbac(policies: Iterable[AuthorizationPolicy], namespace: str,
@@ -283,7 +332,8 @@ def compile_network_rbac(policies: Iterable[AuthorizationPolicy], namespace: str
                          ) -> list[listener_components_pb2.Filter]:
     """Network RBAC filters for a workload's TCP port (before tcp_proxy)."""
     filters = []
-    for action, dry, group in _groups(policies, namespace, labels, root_namespace):
+    for slot, group in _groups(policies, namespace, labels, root_namespace):
+        action, dry = slot.action, slot.dry_run
         rules = rbac.RBAC(action=_ACTIONS[action], policies=compile_policies(group, "TCP", port))
         if action == "DENY" and not rules.policies and not dry:
             continue
