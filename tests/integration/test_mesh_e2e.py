@@ -146,12 +146,15 @@ def _envoy_stats(lab: MeshLab, sidecar: str) -> dict[str, int]:
     return out
 
 
-def _listener_versions(lab: MeshLab, sidecar: str) -> dict[str, str]:
+def _listener_versions(lab: MeshLab, sidecar: str) -> dict[str, tuple[str, str]]:
+    """Each active listener's version and last update time (Envoy keeps the version of a
+    listener whose filter chains it replaced in place, but not its update time)."""
     query = urllib.parse.urlencode({"resource": "dynamic_listeners"})
     url = f"http://127.0.0.1:{lab.ports[sidecar + '_admin']}/config_dump?{query}"
     with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback admin
         dump: dict[str, Any] = json.loads(resp.read())
-    return {c["name"]: c["active_state"]["version_info"] for c in dump["configs"]}
+    return {c["name"]: (c["active_state"]["version_info"], c["active_state"]["last_updated"])
+            for c in dump["configs"]}
 
 
 def test_a_policy_change_applies_to_the_next_request_on_an_open_connection(
@@ -159,8 +162,8 @@ def test_a_policy_change_applies_to_the_next_request_on_an_open_connection(
     """One HTTP/1.1 keep-alive connection to the client's sidecar, carried on to echo's
     sidecar over a pooled mTLS connection: allowed, then a default deny is applied, and a
     request on the same connection is refused within a second. Echo's sidecar accepted no
-    new connection for it, took the change as a route update (RDS) and left its listener,
-    its version and its filter chains (no drain) as they were."""
+    new connection for it, took the change as a route update (RDS) and left its listener
+    (version, update time) and its filter chains (no drain) as they were."""
     inbound = f"http.inbound_{clean.ports['echo_sidecar']}_mtls"
     conn = http.client.HTTPConnection("127.0.0.1", clean.ports["client_outbound"], timeout=5)
 
@@ -208,6 +211,60 @@ def test_a_policy_change_applies_to_the_next_request_on_an_open_connection(
     assert after["listener_manager.total_filter_chains_draining"] == 0
     assert after["listener_manager.total_listeners_draining"] == 0
     assert _listener_versions(clean, "echo") == listeners
+
+
+def test_with_a_tcp_port_a_policy_change_updates_only_the_tcp_listener(clean: MeshLab) -> None:
+    """Network RBAC stays on TCP listeners: a policy change updates echo's TCP listener,
+    while its HTTP listener (and the keep-alive connection through it) stays as it was."""
+    from trustmesh.mesh.demo import _free_port
+
+    p = clean.ports
+    tcp_sidecar = _free_port()
+    with_tcp = clean.registry_yaml().replace(
+        f"sidecarPort: {p['echo_sidecar']}}}]",
+        f"sidecarPort: {p['echo_sidecar']}}}, {{name: sql, port: {_free_port()}, "
+        f"protocol: TCP, sidecarPort: {tcp_sidecar}}}]")
+    assert with_tcp != clean.registry_yaml()
+    conn = http.client.HTTPConnection("127.0.0.1", p["client_outbound"], timeout=5)
+    try:
+        clean.apply(with_tcp)
+        deadline = time.monotonic() + 10
+        while f"inbound|{tcp_sidecar}" not in _listener_versions(clean, "echo"):
+            assert time.monotonic() < deadline, "the TCP listener did not arrive"
+            time.sleep(0.1)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200 and not resp.will_close
+        before, listeners = _envoy_stats(clean, "echo"), _listener_versions(clean, "echo")
+        clean.apply(DEFAULT_DENY)
+        deadline = time.monotonic() + 5
+        while True:
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            body = resp.read()
+            assert not resp.will_close
+            if resp.status == 403 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert (resp.status, body) == (403, b"RBAC: access denied")
+        deadline = time.monotonic() + 5
+        while _envoy_stats(clean, "echo")["listener_manager.listener_modified"] == before[
+                "listener_manager.listener_modified"]:
+            assert time.monotonic() < deadline, "the TCP listener was not updated"
+            time.sleep(0.05)
+        after = _envoy_stats(clean, "echo")
+        assert after["listener_manager.listener_modified"] == before[
+            "listener_manager.listener_modified"] + 1
+        now = _listener_versions(clean, "echo")
+        http_listener = f"inbound|{p['echo_sidecar']}"
+        assert now[http_listener] == listeners[http_listener]
+        assert now[f"inbound|{tcp_sidecar}"] != listeners[f"inbound|{tcp_sidecar}"]
+        inbound = f"http.inbound_{p['echo_sidecar']}_mtls.downstream_cx_total"
+        assert after[inbound] == before[inbound]
+    finally:
+        conn.close()
+        clean.apply(clean.registry_yaml())
 
 
 def test_a_bad_policy_is_refused_and_the_old_one_keeps_working(clean: MeshLab) -> None:
