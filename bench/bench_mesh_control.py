@@ -1,16 +1,18 @@
 """Control plane: compile 1,000 AuthorizationPolicies, and time apply -> enforced on N Envoys.
 
 Part 1 (in process): load 1,000 AuthorizationPolicies (plus the registry) and
-compile every sidecar's listeners and clusters, next to compiling the same
-mesh with a single policy in the same run (the ratio shows how cost grows with
-policy count).
+compile every sidecar's listeners, routes and clusters, next to compiling the
+same mesh with a single policy in the same run (the ratio shows how cost grows
+with policy count).
 
 Part 2 (real processes): a server, an agent and N Envoy sidecars connected
 over ADS (each its own workload and SPIFFE ID; as root each sidecar runs as
 its own uid). A policy is applied with ``trustmesh apply``; the figure is the
-time from the apply call until every Envoy has accepted the new listeners
-(its admin ``listener_manager.lds.update_success`` counter moved), then until
-calls through one sidecar are actually refused.
+time from the apply call until every Envoy has accepted the new route
+configurations that carry HTTP RBAC (its admin ``rds.*.update_success``
+counters moved), then until calls through one sidecar are actually refused.
+Listener updates during that change are counted too: a policy change should
+cause none.
 
 Run:  .venv/bin/python bench/bench_mesh_control.py [--policies 1000 --sidecars 50]
 Smoke (CI): .venv/bin/python bench/bench_mesh_control.py --smoke --output json
@@ -23,6 +25,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -30,7 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from trustmesh.mesh import plan as mesh_plan  # noqa: E402
 from trustmesh.mesh.demo import MeshLab, _free_port  # noqa: E402
-from trustmesh.mesh.envoy.compile import compile_clusters, compile_listeners  # noqa: E402
+from trustmesh.mesh.envoy.compile import (  # noqa: E402
+    compile_clusters,
+    compile_listeners,
+    compile_routes,
+)
 from trustmesh.policy import mesh_model  # noqa: E402
 
 
@@ -75,7 +82,7 @@ def compile_all(text: str, workloads: int) -> tuple[float, int]:
         w = mesh_plan.find_workload(resources, f"ns{i % 10}/w{i}")
         assert w is not None
         p = mesh_plan.plan_sidecar(resources, w, "example.org", "istio-system")
-        for msg in (*compile_listeners(p), *compile_clusters(p)):
+        for msg in (*compile_listeners(p), *compile_routes(p), *compile_clusters(p)):
             size += msg.ByteSize()
     return time.perf_counter() - start, size
 
@@ -89,11 +96,21 @@ def part1(policies: int, workloads: int) -> dict[str, object]:
             "ratio_vs_1_policy": round(many / one, 1), "config_bytes": size}
 
 
-def lds_successes(admin_port: int) -> int:
-    url = f"http://127.0.0.1:{admin_port}/stats?filter=listener_manager.lds.update_success"
+def _counter_sum(admin_port: int, pattern: str) -> int:
+    query = urllib.parse.urlencode({"filter": pattern})
+    url = f"http://127.0.0.1:{admin_port}/stats?{query}"
     with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback
-        line = resp.read().decode().strip()
-    return int(line.rsplit(":", 1)[1]) if line else 0
+        lines = resp.read().decode().splitlines()
+    return sum(int(line.rsplit(":", 1)[1]) for line in lines if line.strip())
+
+
+def lds_successes(admin_port: int) -> int:
+    return _counter_sum(admin_port, r"^listener_manager\.lds\.update_success$")
+
+
+def rds_successes(admin_port: int) -> int:
+    """Accepted route updates over all of the sidecar's connection managers."""
+    return _counter_sum(admin_port, r"\.rds\..*\.update_success$")
 
 
 def part2(sidecars: int, policies: int) -> dict[str, object]:
@@ -141,18 +158,21 @@ spec:
             lab._spawn(f"sidecar-{name}", cmd, uid=uid if lab.as_root else None)
             admin_ports.append(port)
         deadline = time.monotonic() + 180
+        client = lab.ports["client_admin"]
         while time.monotonic() < deadline:
-            try:
-                if all(lds_successes(p) >= 1 for p in admin_ports):
+            try:  # every sidecar with an inbound port also has its routes
+                if all(lds_successes(p) >= 1 and (p == client or rds_successes(p) >= 1)
+                       for p in admin_ports):
                     break
             except OSError:
                 pass
             time.sleep(0.5)
         else:
-            raise SystemExit("not every sidecar got its listeners")
+            raise SystemExit("not every sidecar got its listeners and routes")
         # the client sidecar has no inbound port: the new policies do not change its config
-        admin_ports.remove(lab.ports["client_admin"])
-        before = {p: lds_successes(p) for p in admin_ports}
+        admin_ports.remove(client)
+        before = {p: rds_successes(p) for p in admin_ports}
+        lds_before = {p: lds_successes(p) for p in [*admin_ports, client]}
         text = policies_yaml(policies).replace("namespace: ns", "namespace: other")
         text += "---\n" + """\
 apiVersion: security.istio.io/v1
@@ -165,15 +185,17 @@ spec: {}
         applied = time.perf_counter() - start
         pending = set(admin_ports)
         while pending and time.perf_counter() - start < 120:
-            pending = {p for p in pending if lds_successes(p) <= before[p]}
+            pending = {p for p in pending if rds_successes(p) <= before[p]}
             time.sleep(0.01)
         all_updated = time.perf_counter() - start
         denied, took = lab.wait_status("GET", "/", 403, timeout=30)
+        listener_updates = sum(lds_successes(p) - n for p, n in lds_before.items())
         return {"sidecars": len(admin_ports) + 1, "sidecars_to_update": len(admin_ports),
                 "policies_applied": policies + 1,
                 "apply_call_s": round(applied, 3),
                 "apply_to_all_envoys_updated_s": round(all_updated, 3),
                 "not_updated": len(pending),
+                "listener_updates": listener_updates,
                 "apply_to_enforced_s": round(applied + took, 3),
                 "enforced_status": denied.status}
     finally:
@@ -200,7 +222,8 @@ def main() -> None:
               f"{c['compile_s']:.3f} s ({c['ratio_vs_1_policy']}x one policy)")  # type: ignore[index]
         print(f"apply -> all {p['sidecars']} Envoys updated: "  # type: ignore[index]
               f"{p['apply_to_all_envoys_updated_s']:.3f} s; enforced after "  # type: ignore[index]
-              f"{p['apply_to_enforced_s']:.3f} s")  # type: ignore[index]
+              f"{p['apply_to_enforced_s']:.3f} s; listener updates: "  # type: ignore[index]
+              f"{p['listener_updates']}")  # type: ignore[index]
 
 
 if __name__ == "__main__":

@@ -58,4 +58,5 @@ def test_mesh_control_benchmark_smoke() -> None:
     out = run_bench("bench_mesh_control.py")
     push = out["push"]
     assert push["not_updated"] == 0 and push["enforced_status"] == 403  # type: ignore[index]
+    assert push["listener_updates"] == 0  # type: ignore[index]  # policy travels in routes
     assert out["compile"]["config_bytes"] > 0  # type: ignore[index]
