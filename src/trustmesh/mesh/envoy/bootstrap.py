@@ -2,8 +2,8 @@
 
 Two static clusters and nothing else: ``sds-grpc`` reaches the node's agent on
 its Unix socket (certificates and trust bundles), ``xds-grpc`` reaches the
-server's ADS over mutual TLS with the SVID the agent served. Listeners and
-clusters for traffic all come over ADS.
+server's ADS over mutual TLS with the SVID the agent served. Listeners,
+routes and clusters for traffic all come over ADS.
 """
 
 from __future__ import annotations
