@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import urllib.parse
@@ -200,6 +201,7 @@ spec: {}
                 "enforced_status": denied.status}
     finally:
         lab.stop()
+        shutil.rmtree(lab.base, ignore_errors=True)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -87,6 +88,7 @@ def main() -> None:
                 failures[name] += failed
     finally:
         lab.stop()
+        shutil.rmtree(lab.base, ignore_errors=True)
     result: dict[str, object] = {"smoke": args.smoke, "rate_per_s": args.rate,
                                  "requests_per_path": len(samples["mesh"]),
                                  "failures": failures}
