@@ -86,6 +86,8 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
         self.x509pop = x509pop
         self.jwt = jwt
         self.trust_domain = registry.trust_domain
+        # (agent ID, registry revision) -> trust domains that agent's entries federate with
+        self._federates_with: dict[tuple[str, int], frozenset[str]] = {}
 
     # -- helpers -------------------------------------------------------------------
     async def _abort(self, context: grpc.aio.ServicerContext, err: TrustmeshError) -> None:
@@ -315,10 +317,16 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
     def _bundles_for(self, agent_id: SpiffeId) -> agent_pb2.FetchBundlesResponse:
         """This trust domain's bundle, and the federated bundles that the entries this
         agent serves federate with (and no others)."""
-        self.cache.refresh()
-        wanted = {td.name for entry_id in self.cache.authorized_ids(agent_id)
-                  if (entry := self.cache.get(entry_id)) is not None
-                  for td in entry.federates_with}
+        revision = self.cache.refresh()
+        key = (str(agent_id), revision)
+        wanted = self._federates_with.get(key)
+        if wanted is None:  # walk the agent's entries once per registry revision
+            wanted = frozenset(td.name for entry_id in self.cache.authorized_ids(agent_id)
+                               if (entry := self.cache.get(entry_id)) is not None
+                               for td in entry.federates_with)
+            if len(self._federates_with) > 10000:
+                self._federates_with.clear()
+            self._federates_with[key] = wanted
         federated = self.registry.federation.for_trust_domains(wanted) if wanted else {}
         return agent_pb2.FetchBundlesResponse(bundle=self.ca.bundle_jwks(),
                                               federated=federated,

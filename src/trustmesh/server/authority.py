@@ -12,6 +12,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -222,6 +223,7 @@ _SIGNING_STATES = (SlotState.ACTIVE, SlotState.OLD)  # slots that have signed: O
 # Slots with CRLs: every published one, so a validator that checks every CA in a chain
 # (Envoy's SPIFFE validator given CRLs) has them before the prepared CA signs anything.
 _CRL_STATES = (SlotState.PREPARED, SlotState.ACTIVE, SlotState.OLD)
+_CRL_CACHE_SECONDS = 1.0
 
 
 def root_crl_id(ca_id: str) -> str:
@@ -247,6 +249,7 @@ class CertificateAuthority:
         self.journal = RevocationJournal(config.data_dir / "revocations.journal")
         self.policy = IssuancePolicy(mode=config.ca_mode, backdate=config.backdate)
         self._lock = threading.RLock()
+        self._crl_cache: tuple[float, int, list[bytes]] | None = None
         self._slots: tuple[_Slot, ...] = ()
         self._stored: str | None = None  # the slots as last read or written (compare-and-set)
         self._signed_until: dict[str, datetime] = {}
@@ -893,6 +896,7 @@ class CertificateAuthority:
 
         rec = self.store.store_crl(crl_id, this_update=_epoch(this_update),
                                    next_update=_epoch(next_update), build=build)
+        self._crl_cache = None
         log.info("signed root CRL", extra={"ca_id": slot.ca_id, "number": rec.number})
 
     def revocation_lists(self) -> list[bytes]:
@@ -901,7 +905,12 @@ class CertificateAuthority:
         chain whose CRL is missing would be refused outright), so an upstream root, whose
         CRL is not ours, turns this off."""
         now = _epoch(self.clock.now())
+        tick = time.monotonic()
+        cached = self._crl_cache
+        if cached is not None and tick - cached[0] < _CRL_CACHE_SECONDS and cached[1] > now:
+            return cached[2]  # every agent asks on every sync: read the datastore once a second
         out: list[bytes] = []
+        expires = now + 3600
         with self._lock:
             slots = [s for s in self._slots if s.state in _CRL_STATES]
         for slot in slots:
@@ -912,6 +921,8 @@ class CertificateAuthority:
                 if rec is None or rec.next_update <= now:
                     return []
                 out.append(rec.der)
+                expires = min(expires, rec.next_update)
+        self._crl_cache = (tick, expires, out)
         return out
 
     def _ensure_crl_for(self, slot: _Slot, *, force: bool) -> bool:
@@ -943,6 +954,7 @@ class CertificateAuthority:
 
             rec = self.store.store_crl(slot.ca_id, this_update=_epoch(this_update),
                                        next_update=_epoch(next_update), build=build)
+            self._crl_cache = None
             log.info("signed CRL", extra={"ca_id": slot.ca_id, "number": rec.number,
                                           "revoked": len(revoked)})
             return True
