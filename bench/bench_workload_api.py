@@ -86,6 +86,12 @@ def serve(socket_path: str, entries: int) -> None:
         def jwt_bundle_jwks(self) -> bytes:
             return b'{"keys": []}'
 
+        def federated_for(self, trust_domains: object) -> dict[str, object]:
+            return {}  # no federation in this benchmark
+
+        def current_crls(self) -> tuple[()]:
+            return ()
+
     async def main() -> None:
         running = await start_workload_api(FakeAgent(), Path(socket_path))  # type: ignore[arg-type]
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
