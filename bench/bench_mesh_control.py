@@ -199,9 +199,14 @@ spec: {}
                 "listener_updates": listener_updates,
                 "apply_to_enforced_s": round(applied + took, 3),
                 "enforced_status": denied.status}
+    except BaseException:
+        print(f"logs kept in {lab.base}", file=sys.stderr)
+        lab.keep = True
+        raise
     finally:
         lab.stop()
-        shutil.rmtree(lab.base, ignore_errors=True)
+        if not getattr(lab, "keep", False):
+            shutil.rmtree(lab.base, ignore_errors=True)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -35,8 +36,27 @@ _TRUSTMESH = [sys.executable, "-m", "trustmesh.cli.main"]
 _SIDECAR_UIDS = {"echo": 61001, "client": 61002}  # distinct users when run as root
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port for a listener of the lab, free now. Taken below the kernel's
+    ephemeral range (32768 and up), so that the lab's own outgoing connections (Envoy to
+    the agent and the server, clients) cannot take it before its listener binds it; never
+    the same one twice in a process."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # a crowded range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
