@@ -197,10 +197,12 @@ def _random_operation(rng: random.Random, app_port: int) -> dict[str, Any]:
 
 
 def _random_condition(rng: random.Random, app_port: int) -> dict[str, Any]:
-    key = rng.choice(["request.headers[x-tenant]", "source.namespace", "destination.port",
+    key = rng.choice(["request.headers[x-tenant]", "request.headers[x-tenant]",
+                      "request.headers[host]", "source.namespace", "destination.port",
                       "source.principal", "source.ip", "remote.ip", "destination.ip",
                       "connection.sni"])
-    values = {"request.headers[x-tenant]": [rng.choice([*TENANTS, "r*", "*"])],
+    values = {"request.headers[x-tenant]": [rng.choice([*TENANTS, "r*", "*", "*n"])],
+              "request.headers[host]": [rng.choice(["echo.local", "echo*", "*:8443"])],
               "source.namespace": [rng.choice(["a", "b"])],
               "destination.port": [str(rng.choice([app_port, 9999]))],
               "source.principal": [CLIENTS[rng.choice(list(CLIENTS))]],
@@ -249,7 +251,9 @@ def random_policies(rng: random.Random, prefix: str, app_port: int
 
 
 def random_request(rng: random.Random) -> dict[str, Any]:
-    headers = {"x-tenant": rng.choice(TENANTS)} if _maybe(rng, 0.6) else {}
+    # a header may come twice, or with spaces around its value
+    tenant = rng.choice([*TENANTS, *TENANTS, " red ", [*TENANTS], ["blue", "green"]])
+    headers = {"x-tenant": tenant} if _maybe(rng, 0.6) else {}
     return {"method": rng.choice(METHODS), "path": rng.choice(PATHS),
             "host": rng.choice(HOSTS), "headers": headers, "sni": rng.choice(SNIS)}
 
@@ -369,7 +373,8 @@ def send_http(base: Path, client: str, port: int, req: dict[str, Any], test_id: 
     with _tls(base, client, port, req["sni"]) as conn:
         head = [f"{req['method']} {req['path']} HTTP/1.1", f"Host: {req['host']}",
                 f"x-test-id: {test_id}", "Connection: close", "Content-Length: 0"]
-        head += [f"{k}: {v}" for k, v in req["headers"].items()]
+        head += [f"{k}:{v}" for k, values in req["headers"].items()
+                 for v in ([values] if isinstance(values, str) else values)]
         conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
         resp = http.client.HTTPResponse(conn)  # type: ignore[arg-type]
         resp.begin()

@@ -38,6 +38,7 @@ __all__ = [
     "applicable_policies",
     "effective_rules",
     "evaluate",
+    "header_values",
     "host_regex",
     "match_string",
     "namespace_regex",
@@ -63,7 +64,8 @@ class AuthzRequest:
     host: str = ""
     method: str = "GET"
     path: str = "/"  # as the client sent it; normalised for matching (normalise_path)
-    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    # lower-case names; a sequence for a header sent more than once
+    headers: Mapping[str, str | Sequence[str]] = field(default_factory=dict)
     sni: str = ""
 
     @classmethod
@@ -297,11 +299,20 @@ def _operation_matches(o: Operation, r: AuthzRequest) -> bool:
     return not (http and o.not_paths is not None and _any(o.not_paths, path))
 
 
+def header_values(r: AuthzRequest, name: str) -> tuple[str, ...]:
+    """A request header's values as Envoy's header matchers see them: each value of a
+    repeated header on its own, surrounding whitespace trimmed, ``host`` being the
+    authority."""
+    if name == "host" and r.host:
+        return (r.host.strip(),)
+    value = r.headers.get(name)
+    if value is None:
+        return ()
+    return (value.strip(),) if isinstance(value, str) else tuple(v.strip() for v in value)
+
+
 def _condition_value(c: Condition, r: AuthzRequest) -> tuple[str, str | None]:
-    """(how to compare, the request's value)."""
-    header = c.header
-    if header is not None:
-        return "string", r.headers.get(header)
+    """(how to compare, the request's value) for conditions on the connection."""
     return {
         "source.ip": ("ip", r.source_ip),
         "remote.ip": ("ip", r.remote_ip or r.source_ip),
@@ -325,6 +336,12 @@ def _condition_hit(kind: str, patterns: Sequence[str], value: str | None) -> boo
 
 
 def _condition_matches(c: Condition, r: AuthzRequest) -> bool:
+    header = c.header
+    if header is not None:  # any one value of the header may match
+        values = header_values(r, header)
+        if c.values is not None and not any(_any(c.values, v) for v in values):
+            return False
+        return not (c.not_values is not None and any(_any(c.not_values, v) for v in values))
     kind, value = _condition_value(c, r)
     if c.values is not None and not _condition_hit(kind, c.values, value):
         return False

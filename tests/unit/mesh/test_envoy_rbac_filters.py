@@ -30,7 +30,7 @@ from trustmesh.mesh.envoy.rbac import (
     compile_network_rbac,
     http_rbac_filters,
 )
-from trustmesh.policy.authz import AuthzRequest, evaluate, normalise_path
+from trustmesh.policy.authz import AuthzRequest, evaluate, header_values, normalise_path
 from trustmesh.policy.mesh_model import AuthorizationPolicy, load_mesh_resources
 
 ROOT = "istio-system"
@@ -232,10 +232,9 @@ def _cidr(c: address_pb2.CidrRange, ip: str) -> bool:
     return ipaddress.ip_address(ip) in net
 
 
-def _headers(r: AuthzRequest) -> dict[str, str]:
-    out = dict(r.headers)
-    out.update({":authority": r.host, ":method": r.method, ":path": r.path})
-    return out
+def _header(r: AuthzRequest, name: str) -> tuple[str, ...]:
+    pseudo = {":authority": r.host, ":method": r.method}
+    return (pseudo[name],) if name in pseudo else header_values(r, name)
 
 
 def _permission(p: rbac.Permission, r: AuthzRequest) -> bool:
@@ -248,11 +247,11 @@ def _permission(p: rbac.Permission, r: AuthzRequest) -> bool:
         return any(_permission(x, r) for x in p.or_rules.rules)
     if kind == "not_rule":
         return not _permission(p.not_rule, r)
-    if kind == "header":
-        value = _headers(r).get(p.header.name)
+    if kind == "header":  # each value of a repeated header on its own
+        values = _header(r, p.header.name)
         if p.header.present_match:
-            return value is not None
-        return _string(p.header.string_match, value)
+            return bool(values)
+        return any(_string(p.header.string_match, v) for v in values)
     if kind == "url_path":
         return _string(p.url_path.path, normalise_path(r.path))
     if kind == "destination_ip":
@@ -326,6 +325,7 @@ _condition = st.one_of(*[
         "notValues": st.lists(values, min_size=1, max_size=2)}).filter(lambda c: len(c) > 1)
     for key, values in [
         ("request.headers[x-tenant]", st.sampled_from(["red", "r*", "*d", "*"])),
+        ("request.headers[host]", st.sampled_from(["web.local", "WEB*", "*:8080"])),
         ("source.ip", st.sampled_from(["10.0.0.0/8", "127.0.0.1"])),
         ("remote.ip", st.sampled_from(["10.0.0.0/8", "203.0.113.7"])),
         ("destination.ip", st.sampled_from(["127.0.0.1", "10.9.0.0/16"])),
@@ -372,7 +372,8 @@ _requests = st.builds(
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
     path=st.sampled_from(["/api/v1", "/admin", "/admin/../api/x", "/a/b.json?x=1", "/x",
                           "//api//x", "/%61pi/x"]),
-    headers=st.sampled_from([{}, {"x-tenant": "red"}, {"x-tenant": ""}, {"x-tenant": "blue"}]),
+    headers=st.sampled_from([{}, {"x-tenant": "red"}, {"x-tenant": ""}, {"x-tenant": "blue"},
+                             {"x-tenant": " red "}, {"x-tenant": ("blue", "red")}]),
     sni=st.sampled_from(["", "web.local", "db.internal"]))
 
 
