@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import random
 import signal
@@ -164,6 +165,8 @@ class Agent:
         return await self.client.attest_x509pop(chain, key)
 
     def _keep(self, node: NodeCredentials) -> NodeCredentials:
+        if node.received_at is None:
+            node = dataclasses.replace(node, received_at=self.clock())
         save_node(self.config.data_dir, node)
         self.node = node
         return node
@@ -171,7 +174,7 @@ class Agent:
     # -- one round of work ---------------------------------------------------------------
     async def sync_once(self) -> None:
         assert self.node is not None
-        if rotation_due(self.node.issued_at, self.node.expires_at, self.clock()):
+        if rotation_due(self.node.lifetime_start, self.node.expires_at, self.clock()):
             self._keep(await self.client.renew(self.node))
             log.info("renewed the node SVID")
         more = True

@@ -50,11 +50,12 @@ def load_node(data_dir: Path) -> NodeCredentials | None:
         key = serialization.load_pem_private_key(paths[0].read_bytes(), None)
         chain = tuple(x509.load_pem_x509_certificates(paths[1].read_bytes()))
         spiffe_id = paths[2].read_text().strip()
+        received_at = paths[1].stat().st_mtime  # written when it was received
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the node credentials in {data_dir}: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"the node key in {data_dir} is not an EC key")
-    return NodeCredentials(spiffe_id, key, chain)
+    return NodeCredentials(spiffe_id, key, chain, received_at)
 
 
 def save_bundle(data_dir: Path, bundle_pem: bytes) -> None:

@@ -42,6 +42,9 @@ class NodeCredentials:
     spiffe_id: str
     key: ec.EllipticCurvePrivateKey
     chain: tuple[x509.Certificate, ...]  # leaf first, without the root
+    # when the agent got it: notBefore is backdated by the server's clock skew allowance,
+    # so half of notBefore..notAfter can be gone (or more) the moment it arrives
+    received_at: float | None = None
 
     @property
     def expires_at(self) -> float:
@@ -50,6 +53,14 @@ class NodeCredentials:
     @property
     def issued_at(self) -> float:
         return self.chain[0].not_valid_before_utc.timestamp()
+
+    @property
+    def lifetime_start(self) -> float:
+        """Where the lifetime that renewal halves begins: receipt, not the backdated
+        notBefore."""
+        if self.received_at is None:
+            return self.issued_at
+        return max(self.issued_at, min(self.received_at, self.expires_at))
 
 
 def _map_error(exc: grpc.aio.AioRpcError) -> TrustmeshError:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -10,6 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from trustmesh.agent.cache import CachedEntry, CachedSvid, SvidCache, rotation_due
+from trustmesh.agent.node_store import load_node, save_node
+from trustmesh.agent.server_client import NodeCredentials
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 
@@ -83,3 +87,28 @@ def test_svids_for_unknown_entries_are_not_stored() -> None:
     cache = SvidCache()
     cache.store([svid(entry(5, "a:5"), 0, 10)])
     assert cache.svids == {}
+
+
+def test_node_svid_renewal_counts_from_receipt_not_from_the_backdated_not_before(
+        tmp_path: Path) -> None:
+    # a 15 s node SVID whose notBefore the server backdated by 60 s: half of
+    # notBefore..notAfter is gone on arrival, half of its real life is not
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(KEY.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(datetime.fromtimestamp(1000 - 60, UTC))
+            .not_valid_after(datetime.fromtimestamp(1000 + 15, UTC))
+            .sign(KEY, hashes.SHA256()))
+    node = NodeCredentials("spiffe://td/node", KEY, (cert,), received_at=1000.0)
+    assert rotation_due(node.issued_at, node.expires_at, 1001)  # the old, wrong start
+    assert not rotation_due(node.lifetime_start, node.expires_at, 1007)
+    assert rotation_due(node.lifetime_start, node.expires_at, 1007.5)
+    # a receipt time outside the certificate's validity is clamped to it
+    assert NodeCredentials("n", KEY, (cert,), received_at=0.0).lifetime_start == 940.0
+    assert NodeCredentials("n", KEY, (cert,), received_at=9e9).lifetime_start == 1015.0
+    assert NodeCredentials("n", KEY, (cert,)).lifetime_start == 940.0
+    # stored and loaded again: the receipt time is when the file was written
+    save_node(tmp_path, node)
+    os.utime(tmp_path / "node.pem", (1003.0, 1003.0))
+    loaded = load_node(tmp_path)
+    assert loaded is not None and loaded.lifetime_start == 1003.0
