@@ -33,7 +33,7 @@ from trustmesh.clock import SystemClock
 from trustmesh.config import ServerConfig
 from trustmesh.pki.keys.memory import MemoryKeyManager
 from trustmesh.server.authority import CertificateAuthority, IssueParams
-from trustmesh.server.issuance import AsyncIssuer, SignItem, default_worker_count
+from trustmesh.server.issuance import AsyncIssuer, default_worker_count
 from trustmesh.store.datastore import Datastore
 
 
@@ -131,8 +131,7 @@ def _children_cpu() -> float:
 
 
 async def ours_rate(ca: CertificateAuthority, workers: int, requests: int,
-                    concurrency: int, csrs: list[bytes], svid: bool = False,
-                    cpu: CpuSplit | None = None) -> float:
+                    concurrency: int, csrs: list[bytes], cpu: CpuSplit | None = None) -> float:
     issuer = AsyncIssuer(ca, workers)
     await issuer.start()
     server_cpu = time.process_time()
@@ -146,21 +145,8 @@ async def ours_rate(ca: CertificateAuthority, workers: int, requests: int,
             nonlocal failures
             async with sem:
                 try:
-                    if svid:
-                        # What the agent API does for BatchNewX509SVID: names from the entry
-                        csr = csrs[i % len(csrs)]
-                        item = SignItem(csr=csr, template="x509-svid", validity_seconds=3600,
-                                        dns_names=(), uris=(f"spiffe://example.org/w{i}",),
-                                        ip_addresses=(), path_length=None,
-                                        serial=x509.random_serial_number(),
-                                        subject="O=trustmesh", names_from_csr=False)
-                        result = await issuer.batcher.submit(
-                            item, (IssueParams(csr=csr, template="x509-svid"), "bench"))
-                        if isinstance(result, BaseException):
-                            raise result
-                    else:
-                        await issuer.issue(IssueParams(csr=csrs[i % len(csrs)],
-                                                       template="end-entity"), "bench")
+                    await issuer.issue(IssueParams(csr=csrs[i % len(csrs)],
+                                                   template="end-entity"), "bench")
                 except Exception:
                     failures += 1
 
@@ -189,9 +175,6 @@ def main() -> None:
     ap.add_argument("--floor-seconds", type=float, default=1.5)
     ap.add_argument("--workers", type=int, default=None, help="default: one per core")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI")
-    ap.add_argument("--svid", action="store_true",
-                    help="X509-SVIDs from agent CSRs (the agent API's batch path) instead of "
-                         "CA issuance through the admin API path")
     ap.add_argument("--output", choices=["text", "json"], default="text")
     args = ap.parse_args()
     if args.smoke:
@@ -209,17 +192,17 @@ def main() -> None:
         floors: list[float] = []
         ours: list[float] = []
         cpu = CpuSplit()
-        asyncio.run(ours_rate(ca, workers, 0, args.concurrency, csrs, args.svid, cpu))
+        asyncio.run(ours_rate(ca, workers, 0, args.concurrency, csrs, cpu))
         for _ in range(args.rounds):
             floors.append(floor_rate(args.floor_seconds, ca)[0])
             ours.append(asyncio.run(ours_rate(ca, workers, args.requests, args.concurrency,
-                                              csrs, args.svid, cpu)))
+                                              csrs, cpu)))
         ratios = sorted(o / f for o, f in zip(ours, floors, strict=True))
         ratio = ratios[len(ratios) // 2]
         floor = sorted(floors)[len(floors) // 2]
         ours_pool = sorted(ours)[len(ours) // 2]
         ours_single = asyncio.run(ours_rate(ca, 0, max(100, args.requests // 4),
-                                            args.concurrency, csrs, args.svid))
+                                            args.concurrency, csrs))
         single_floor = floor_rate(args.floor_seconds, ca)[0]
         stored = store.count_certificates()
         store.close()
@@ -240,7 +223,6 @@ def main() -> None:
         "requests": args.requests,
         "certificates_stored": stored,
         "smoke": args.smoke,
-        "mode": "x509-svid" if args.svid else "ca-issue",
     }
     if args.output == "json":
         json.dump(result, sys.stdout, indent=2)

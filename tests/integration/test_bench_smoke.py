@@ -29,6 +29,17 @@ def test_issuance_benchmark_smoke() -> None:
 
 
 @pytest.mark.slow
+def test_svid_signing_benchmark_smoke() -> None:
+    out = run_bench("bench_svid_signing.py")
+    assert out["smoke"] is True
+    assert float(out["floor_per_s_one_core"]) > 0 and float(out["ours_per_s"]) > 0
+    cpu = out["cpu_us_per_svid"]
+    assert isinstance(cpu, dict)
+    # the server signed in its worker processes, not in its own
+    assert cpu["signing_workers"] > 0
+
+
+@pytest.mark.slow
 def test_ocsp_benchmark_smoke() -> None:
     out = run_bench("bench_ocsp.py")
     for mix in ("nonce", "no-nonce"):

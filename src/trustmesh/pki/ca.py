@@ -302,7 +302,10 @@ def _check_names_allowed(names: RequestedNames, authority: SigningAuthority) -> 
     """Refuse names the CA's own name constraints would make invalid anyway."""
     if authority.permitted_uri_domains:
         for uri in names.uris:
-            host = (urlsplit(uri).hostname or "").lower()
+            if uri.startswith("spiffe://"):  # checked SPIFFE IDs: no userinfo, no port
+                host = uri[9:].split("/", 1)[0]
+            else:
+                host = (urlsplit(uri).hostname or "").lower()
             if not any(_host_within(host, d) for d in authority.permitted_uri_domains):
                 raise InvalidInput(
                     f"URI {uri!r} is outside this CA's permitted URI domains "

@@ -10,7 +10,9 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from trustmesh.errors import InvalidInput
 from trustmesh.spiffe.ids import SpiffeId
@@ -75,6 +77,15 @@ def load_csr_and_key(data: bytes) -> tuple[x509.CertificateSigningRequest, objec
     return csr, key
 
 
+# the usual ECDSA signature algorithms, each one verifier object (the library builds one per
+# call otherwise)
+_ECDSA_BY_OID = {
+    SignatureAlgorithmOID.ECDSA_WITH_SHA256: ec.ECDSA(hashes.SHA256()),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA384: ec.ECDSA(hashes.SHA384()),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA512: ec.ECDSA(hashes.SHA512()),
+}
+
+
 def _signature_valid(csr: x509.CertificateSigningRequest, key: object) -> bool:
     """The CSR's self-signature, checked with the key already extracted.
 
@@ -83,13 +94,17 @@ def _signature_valid(csr: x509.CertificateSigningRequest, key: object) -> bool:
     day the check goes through the extracted key. A signature algorithm that does not
     fit the key is a bad signature, as it is for ``is_signature_valid``.
     """
-    params = csr.signature_algorithm_parameters
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
-            if not isinstance(params, ec.ECDSA):
-                return False
-            key.verify(csr.signature, csr.tbs_certrequest_bytes, params)
+            ecdsa = _ECDSA_BY_OID.get(csr.signature_algorithm_oid)
+            if ecdsa is None:
+                other = csr.signature_algorithm_parameters
+                if not isinstance(other, ec.ECDSA):
+                    return False
+                ecdsa = other
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, ecdsa)
         elif isinstance(key, rsa.RSAPublicKey):
+            params = csr.signature_algorithm_parameters
             hash_algorithm = csr.signature_hash_algorithm
             if not isinstance(params, padding.PKCS1v15 | padding.PSS) or hash_algorithm is None:
                 return False

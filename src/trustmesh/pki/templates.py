@@ -187,13 +187,26 @@ def extensions_for(
     if template.passthrough:
         return ProfileExtensions(_passthrough_extensions(csr_extensions))
 
+    # A leaf profile depends on the template and on whether the key is RSA, nothing else:
+    # made once per pair (the extension values are immutable).
+    rsa_key = isinstance(public_key, rsa.RSAPublicKey)
+    known = TEMPLATES.get(template.name) is template
+    cached = _LEAF_PROFILES.get((template.name, rsa_key)) if known else None
+    if cached is not None:
+        return cached
     items.append((x509.BasicConstraints(ca=False, path_length=None), True))
     server = ExtendedKeyUsageOID.SERVER_AUTH in template.eku
     items.append((_leaf_key_usage(public_key, key_encipherment=server), True))
     items.append((x509.ExtendedKeyUsage(list(template.eku)), False))
     if template.ocsp_nocheck:
         items.append((x509.OCSPNoCheck(), False))
-    return ProfileExtensions(tuple(items))
+    profile = ProfileExtensions(tuple(items))
+    if known:
+        _LEAF_PROFILES[(template.name, rsa_key)] = profile
+    return profile
+
+
+_LEAF_PROFILES: dict[tuple[str, bool], ProfileExtensions] = {}
 
 
 def _passthrough_extensions(

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from trustmesh.clock import Clock
 from trustmesh.errors import (
+    InternalError,
     InvalidInput,
     PermissionDenied,
     TrustmeshError,
@@ -28,7 +29,7 @@ from trustmesh.errors import (
 from trustmesh.log import get_logger
 from trustmesh.pki.csr import load_csr
 from trustmesh.proto import agent_pb2, agent_pb2_grpc
-from trustmesh.server.authority import CertificateAuthority, IssuedCertificate
+from trustmesh.server.authority import CertificateAuthority, IssuedCertificate, IssueParams
 from trustmesh.server.entries import Entry
 from trustmesh.server.entry_cache import EntryCache
 from trustmesh.server.issuance import AsyncIssuer, SignItem
@@ -49,6 +50,7 @@ _STATUS = {
     "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 _MAX_BATCH = 500
+_SVID_PARAMS = IssueParams(csr=b"", template="x509-svid")  # SVIDs carry no idempotency key
 _DEFAULT_PAGE = 500
 
 
@@ -88,6 +90,7 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
         self.trust_domain = registry.trust_domain
         # (agent ID, registry revision) -> trust domains that agent's entries federate with
         self._federates_with: dict[tuple[str, int], frozenset[str]] = {}
+        self._tail_der: dict[tuple[int, ...], tuple[tuple[x509.Certificate, ...], list[bytes]]] = {}
 
     # -- helpers -------------------------------------------------------------------
     async def _abort(self, context: grpc.aio.ServicerContext, err: TrustmeshError) -> None:
@@ -123,23 +126,20 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
                 f"this is not the current X509-SVID of {agent_id}; re-attest or renew")
         return agent_id
 
-    async def _sign_svid(self, spiffe_id: SpiffeId, csr: bytes, ttl: int,
-                         dns_names: tuple[str, ...], actor: str) -> IssuedCertificate:
-        der_csr = csr
-        if not csr.lstrip().startswith(b"-----"):
-            import base64
-
-            body = base64.encodebytes(der_csr).decode()
-            csr = (f"-----BEGIN CERTIFICATE REQUEST-----\n{body}"
-                   "-----END CERTIFICATE REQUEST-----\n").encode()
+    def _svid_request(self, spiffe_id: SpiffeId, csr: bytes, ttl: int,
+                      dns_names: tuple[str, ...], actor: str
+                      ) -> tuple[SignItem, tuple[IssueParams, str]]:
+        """What the batcher signs for one X509-SVID: names and subject from the entry."""
         item = SignItem(csr=csr, template="x509-svid", validity_seconds=float(ttl),
                         dns_names=dns_names, uris=(str(spiffe_id),), ip_addresses=(),
                         path_length=None, serial=x509.random_serial_number(),
                         subject=_svid_subject(dns_names), names_from_csr=False)
-        from trustmesh.server.authority import IssueParams
+        return item, (_SVID_PARAMS, actor)
 
-        params = IssueParams(csr=csr, template="x509-svid")
-        result = await self.issuer.batcher.submit(item, (params, actor))
+    async def _sign_svid(self, spiffe_id: SpiffeId, csr: bytes, ttl: int,
+                         dns_names: tuple[str, ...], actor: str) -> IssuedCertificate:
+        item, context = self._svid_request(spiffe_id, csr, ttl, dns_names, actor)
+        result = await self.issuer.batcher.submit(item, context)
         if isinstance(result, BaseException):  # pragma: no cover - submit raises instead
             raise result
         assert isinstance(result, IssuedCertificate)
@@ -272,23 +272,50 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
             await self._abort(context, err)
             raise AssertionError("unreachable") from None
 
-        async def one(p: agent_pb2.SvidParams) -> agent_pb2.SvidResult:
+        # One submission for the whole batch: the CSRs are signed together, in as few
+        # worker round trips and datastore transactions as the batcher can make them.
+        results: list[agent_pb2.SvidResult | None] = [None] * len(request.params)
+        requests: list[tuple[SignItem, tuple[IssueParams, str]]] = []
+        positions: list[int] = []
+        actor = f"agent:{agent_id}"
+        for i, p in enumerate(request.params):
             entry = self.cache.get(p.entry_id) if p.entry_id in authorized else None
-            try:
-                if entry is None:
-                    raise PermissionDenied(
-                        f"entry {p.entry_id} does not exist or is not this agent's to serve")
-                issued = await self._sign_svid(entry.spiffe_id, p.csr, entry.x509_svid_ttl,
-                                               entry.dns_names, f"agent:{agent_id}")
-                return agent_pb2.SvidResult(
-                    entry_id=p.entry_id, svid_chain=_der_chain(issued),
-                    expires_at=int(issued.certificate.not_valid_after_utc.timestamp()))
-            except TrustmeshError as err:
-                return agent_pb2.SvidResult(entry_id=p.entry_id, error_code=err.code,
-                                            error_message=str(err))
+            if entry is None:
+                refusal = PermissionDenied(
+                    f"entry {p.entry_id} does not exist or is not this agent's to serve")
+                results[i] = agent_pb2.SvidResult(entry_id=p.entry_id, error_code=refusal.code,
+                                                  error_message=str(refusal))
+                continue
+            requests.append(self._svid_request(entry.spiffe_id, p.csr, entry.x509_svid_ttl,
+                                               entry.dns_names, actor))
+            positions.append(i)
+        outcomes = await self.issuer.batcher.submit_many(requests)
+        for i, outcome in zip(positions, outcomes, strict=True):
+            entry_id = request.params[i].entry_id
+            if isinstance(outcome, IssuedCertificate):
+                results[i] = agent_pb2.SvidResult(
+                    entry_id=entry_id, svid_chain=[outcome.der, *self._chain_tail_der(outcome)],
+                    expires_at=outcome.not_after)
+            else:
+                failure = outcome if isinstance(outcome, TrustmeshError) else InternalError(
+                    "internal error while signing; see the server log")
+                if not isinstance(outcome, TrustmeshError):
+                    log.error("X509-SVID signing failed", extra={"error": repr(outcome)})
+                results[i] = agent_pb2.SvidResult(entry_id=entry_id, error_code=failure.code,
+                                                  error_message=str(failure))
+        return agent_pb2.BatchNewX509SVIDResponse(results=[r for r in results if r is not None])
 
-        results = await asyncio.gather(*(one(p) for p in request.params))
-        return agent_pb2.BatchNewX509SVIDResponse(results=results)
+    def _chain_tail_der(self, issued: IssuedCertificate) -> list[bytes]:
+        """The intermediates above an SVID, DER, without the root (encoded once per CA)."""
+        tail = issued.chain_tail[:-1]
+        key = tuple(id(c) for c in tail)
+        cached = self._tail_der.get(key)
+        if cached is None or cached[0] != tail:
+            cached = (tail, [c.public_bytes(serialization.Encoding.DER) for c in tail])
+            if len(self._tail_der) > 16:
+                self._tail_der.clear()
+            self._tail_der[key] = cached
+        return cached[1]
 
     async def NewJWTSVID(self, request: agent_pb2.NewJWTSVIDRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> agent_pb2.NewJWTSVIDResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -294,6 +295,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
     os.chmod(sock_path, 0o600)
     if ocsp_workers is not None:
         ocsp_workers.open()
+    settle_garbage_collector()
     log.info(
         "server ready",
         extra={"trust_domain": config.trust_domain, "http": f"http://{config.http_address}",
@@ -345,6 +347,26 @@ async def serve(config: ServerConfig, stop: asyncio.Event, clock: Clock | None =
         if callable(close_keys):
             close_keys()  # releases an HSM session and login
         log.info("server stopped")
+
+
+def settle_garbage_collector() -> None:
+    """Keep the collector off what start-up built, and collect the young less often.
+
+    A started server holds a large, long-lived heap (modules, the CA, caches, gRPC
+    and SQLAlchemy state) that every full collection would walk again, while a busy
+    server makes many short-lived objects (a batch of 200 CSRs is thousands). Without
+    this the collector took more of the server process's CPU than signing requests
+    did. Freezing start-up's objects (``gc.freeze``) takes them out of every
+    collection; a larger first-generation threshold means fewer collections of the
+    young, which still run (reference cycles are still freed).
+    """
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, second, third)
+
+
+_GC_YOUNG_THRESHOLD = 20_000
 
 
 def run_server(config: ServerConfig) -> None:

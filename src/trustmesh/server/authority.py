@@ -128,15 +128,23 @@ class IssueParams:
 class IssuedCertificate:
     """A certificate as the API returns it; parsed only when something needs the object."""
 
-    __slots__ = ("_cert", "chain_tail", "der", "reused", "serial")
+    __slots__ = ("_cert", "_not_after", "chain_tail", "der", "reused", "serial")
 
     def __init__(self, der: bytes, chain_tail: tuple[x509.Certificate, ...], serial: str,
-                 reused: bool = False) -> None:
+                 reused: bool = False, not_after: int | None = None) -> None:
         self.der = der
         self.chain_tail = chain_tail  # the CA chain above the leaf, trust anchor last
         self.serial = serial
         self.reused = reused  # True when an idempotency key returned an earlier certificate
         self._cert: x509.Certificate | None = None
+        self._not_after = not_after
+
+    @property
+    def not_after(self) -> int:
+        """notAfter in epoch seconds (known from the record, or read from the leaf)."""
+        if self._not_after is None:
+            self._not_after = int(self.certificate.not_valid_after_utc.timestamp())
+        return self._not_after
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -754,7 +762,8 @@ class CertificateAuthority:
                             continue
                         results[i] = earlier if earlier is not None else err
             for i, rec in stored:
-                results[i] = IssuedCertificate(rec.der, self.chain_for(rec.ca_id), rec.serial)
+                results[i] = IssuedCertificate(rec.der, self.chain_for(rec.ca_id), rec.serial,
+                                               not_after=rec.not_after)
             if log.isEnabledFor(logging.INFO):
                 log.info("issued certificates", extra={
                     "count": len(stored), "serials": [rec.serial for _, rec in stored[:64]],

@@ -299,6 +299,16 @@ class IssuanceBatcher:
         await self._queue.put(_Pending(item, context, fut))
         return await fut
 
+    async def submit_many(self, requests: Sequence[tuple[SignItem, Any]]) -> list[Any]:
+        """Submit several requests at once; one result (or exception) per request, in order."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = []
+        for item, context in requests:
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._queue.put_nowait(_Pending(item, context, fut))  # the queue is unbounded
+            futures.append(fut)
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
     async def _run(self) -> None:
         # Batches are pipelined: while one is being recorded, the next ones sign.
         inflight = asyncio.Semaphore(self._chunks + 1)
