@@ -109,7 +109,8 @@ def sign_requests(authority: SigningAuthority, policy: IssuancePolicy,
             cert = issue_certificate(authority, request, now, item.serial, policy)
             out.append(SignOutcome(
                 der=cert.public_bytes(serialization.Encoding.DER),
-                subject=subject_text(request.subject or csr.subject),
+                subject=(_subject_text_of(item.subject) if item.subject is not None
+                         else subject_text(csr.subject)),
                 sans=san_strings(request.names if not names.empty else _cert_names(cert)),
                 not_before=int(cert.not_valid_before_utc.timestamp()),
                 not_after=int(cert.not_valid_after_utc.timestamp()),
@@ -141,6 +142,12 @@ def subject_text(name: x509.Name) -> str:
             _SUBJECT_TEXT.clear()
         _SUBJECT_TEXT[der] = text
     return text
+
+
+@functools.lru_cache(maxsize=1024)
+def _subject_text_of(text: str) -> str:
+    """RFC 4514 text of a subject given as ``O=trustmesh,CN=...`` text."""
+    return parse_subject(text).rfc4514_string()
 
 
 def san_strings(names: RequestedNames) -> tuple[str, ...]:
