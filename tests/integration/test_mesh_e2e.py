@@ -291,6 +291,16 @@ def test_get_lists_resources_in_every_format(clean: MeshLab) -> None:
     assert proc.returncode == 2 and "unknown kind 'virtualservices'" in proc.stderr
 
 
+def test_sidecars_run_the_default_number_of_envoy_workers(lab: MeshLab) -> None:
+    """`sidecar run` execs Envoy with --concurrency; Envoy names its workers wrk:worker_N."""
+    from trustmesh.mesh.sidecar import SidecarOptions
+
+    for name in ("sidecar-echo", "sidecar-client"):
+        tasks = Path(f"/proc/{lab.procs[name].pid}/task").iterdir()
+        workers = sum((t / "comm").read_text().startswith("wrk:") for t in tasks)
+        assert workers == SidecarOptions.concurrency, name
+
+
 def test_a_sidecar_must_present_its_own_workload_identity(lab: MeshLab) -> None:
     """ADS refuses a sidecar whose SVID is not the identity of the workload it claims."""
     import subprocess

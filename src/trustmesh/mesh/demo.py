@@ -75,12 +75,14 @@ class MeshLab:
     """Server, agent, echo app and two sidecars under one directory, all on loopback."""
 
     def __init__(self, base: Path | None = None, trust_domain: str = "example.org",
-                 log: Callable[[str], None] = lambda _: None, svid_ttl: str = "1h") -> None:
+                 log: Callable[[str], None] = lambda _: None, svid_ttl: str = "1h",
+                 sidecar_concurrency: int | None = None) -> None:
         self.base = base or Path(tempfile.mkdtemp(prefix="trustmesh-demo-"))
         self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)
         self.trust_domain = trust_domain
         self.svid_ttl = svid_ttl
+        self.sidecar_concurrency = sidecar_concurrency  # None: `sidecar run`'s default
         self.say = log
         self.as_root = os.geteuid() == 0
         self.ports = {name: _free_port() for name in (
@@ -223,6 +225,8 @@ spec:
                "--agent-socket", str(self.agent_socket), "--trust-domain", self.trust_domain,
                "--admin-address", f"127.0.0.1:{self.ports[name + '_admin']}",
                "--work-dir", str(work), "--log-level", "warning"]
+        if self.sidecar_concurrency is not None:
+            cmd += ["--concurrency", str(self.sidecar_concurrency)]
         if not self.as_root:
             cmd += ["--svid", self.spiffe_id(name)]
         self._spawn(f"sidecar-{name}", cmd, uid=uid)

@@ -16,7 +16,11 @@ __all__ = ["EchoHandler", "serve"]
 class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as services behind a sidecar see it
     server_version = "trustmesh-echo"
-    disable_nagle_algorithm = True  # headers and body go out as separate writes
+    disable_nagle_algorithm = True
+    # Buffered: the status line, headers and body leave in one write (handle_one_request
+    # flushes after each request). Written unbuffered, the head and the body went out as
+    # two segments, and every proxy on the way forwarded them as two, each hop woken twice.
+    wbufsize = -1
 
     def _answer(self) -> None:
         length = int(self.headers.get("content-length") or 0)
