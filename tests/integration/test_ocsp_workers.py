@@ -148,6 +148,83 @@ def raw_exchange(srv: ServerProcess, data: bytes) -> bytes:
     return b"".join(chunks)
 
 
+def http_bodies(data: bytes) -> list[bytes]:
+    """The bodies of the HTTP responses in ``data``, one after another."""
+    bodies = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK"), head
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        bodies.append(rest[:length])
+        data = rest[length:]
+    return bodies
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """The body of the next HTTP response on a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        body += chunk
+    return body
+
+
+def test_connections_that_need_more_than_one_read_are_answered(srv: ServerProcess,
+                                                               tmp_path: Path) -> None:
+    # the answering thread answers a request that came whole in its first read; the
+    # event loop takes over the others
+    out = issue(srv, tmp_path, make_csr(tmp_path, "web"), "--template", "end-entity")
+
+    def post(version: bytes, extra: bytes = b"") -> tuple[bytes, bytes]:
+        der = ocsp_request(out, nonce=True)
+        return (b"POST /ocsp " + version + b"\r\nContent-Type: application/ocsp-request\r\n"
+                + extra + b"Content-Length: " + str(len(der)).encode() + b"\r\n\r\n", der)
+
+    def good(body: bytes) -> bool:
+        return ocsp.load_der_ocsp_response(body).certificate_status == (
+            ocsp.OCSPCertStatus.GOOD)
+
+    for pause_before in ("body", "request"):
+        for _ in range(3):  # a few connections, so more than one worker answers
+            head, der = post(b"HTTP/1.0")
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+                if pause_before == "request":  # connected, silent for a while
+                    time.sleep(0.3)
+                    sock.sendall(head)
+                else:
+                    sock.sendall(head)
+                    time.sleep(0.3)
+                sock.sendall(der)
+                received = b""
+                while chunk := sock.recv(65536):
+                    received += chunk
+            assert [good(b) for b in http_bodies(received)] == [True], pause_before
+    # two pipelined requests in one write, the second one closing the connection
+    first, second = post(b"HTTP/1.1"), post(b"HTTP/1.1", b"Connection: close\r\n")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(b"".join(first + second))
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert [good(b) for b in http_bodies(received)] == [True, True]
+    # keep-alive answers leave at once, not when the connection closes (accepted
+    # connections start corked for the one-shot case; ten answers held back 200 ms
+    # each would take two seconds)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        started = time.monotonic()
+        for _ in range(10):
+            sock.sendall(b"".join(post(b"HTTP/1.1")))
+            assert good(read_response(sock))
+        assert time.monotonic() - started < 1.5
+
+
 @pytest.mark.parametrize(("request_bytes", "status"), [
     (b"garbage\r\n\r\n", 400),
     (b"GET /ocsp/x HTTP/2.0\r\n\r\n", 505),

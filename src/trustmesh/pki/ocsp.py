@@ -118,6 +118,15 @@ def _tlv(tag: int, content: bytes) -> bytes:
     return bytes((tag, 0x80 | len(size))) + size + content
 
 
+def _header(tag: int, n: int) -> bytes:
+    """Tag and DER length of an element with ``n`` content bytes (n < 64 KiB)."""
+    if n < 0x80:
+        return bytes((tag, n))
+    if n < 0x100:
+        return bytes((tag, 0x81, n))
+    return bytes((tag, 0x82, n >> 8, n & 0xFF))
+
+
 def _oid(dotted: str) -> bytes:
     arcs = [int(a) for a in dotted.split(".")]
     body = bytearray([40 * arcs[0] + arcs[1]])
@@ -165,6 +174,20 @@ def _generalized_time(when: datetime) -> bytes:
     return _tlv(0x18, when.astimezone(UTC).strftime("%Y%m%d%H%M%SZ").encode())
 
 
+# The responseExtensions of an answer with a nonce, up to the nonce itself, by nonce
+# length: [1] { SEQUENCE { Extension { id-pkix-ocsp-nonce, OCTET STRING { OCTET STRING
+# nonce } } } } (RFC 6960 4.4.1, the nonce echoed as the request sent it).
+def _nonce_extension_prefix(n: int) -> bytes:
+    inner = _header(0x04, n)
+    value = _header(0x04, len(inner) + n) + inner
+    extension = _header(0x30, len(_NONCE_OID) + len(value) + n) + _NONCE_OID + value
+    extensions = _header(0x30, len(extension) + n) + extension
+    return _header(0xA1, len(extensions) + n) + extensions
+
+
+_NONCE_EXTENSION_PREFIX = tuple(_nonce_extension_prefix(n) for n in range(MAX_NONCE_BYTES + 1))
+
+
 class _ResponseEncoder:
     """Signs responses for one responder identity with an EC key (all we issue)."""
 
@@ -177,27 +200,54 @@ class _ResponseEncoder:
         self._responder_id = _tlv(0xA2, _tlv(0x04, key_hash))  # byKey (RFC 6960 4.2.1)
         cert = ident.responder_certificate.public_bytes(serialization.Encoding.DER)
         self._certs = _tlv(0xA0, _tlv(0x30, cert))
-        self._second = -1
-        self._times = (b"", b"")
+        # (second, producedAt and thisUpdate, thisUpdate + nextUpdate) in one attribute:
+        # both threads of a responder process sign, and a reader must not see the times
+        # of one second with the marker of another
+        self._times: tuple[int, bytes, bytes] = (-1, b"", b"")
         self._cert_ids: dict[tuple[str, bytes, bytes, int], bytes] = {}
+        self._revoked: dict[tuple[datetime | None, RevocationReason | None], bytes] = {}
+        # the three outer headers of a response by the length of its BasicOCSPResponse
+        self._outer: dict[int, bytes] = {}
 
     @staticmethod
     def usable(ident: ResponderIdentity, digest: hashes.HashAlgorithm | None) -> bool:
         return (isinstance(ident.responder_key, ec.EllipticCurvePrivateKey)
                 and digest is not None and digest.name in _ECDSA_WITH)
 
-    def _now(self, now: datetime, validity: timedelta) -> tuple[bytes, bytes]:
+    def _now(self, now: datetime, validity: timedelta) -> tuple[int, bytes, bytes]:
         second = int(now.timestamp())
-        if second != self._second:
-            self._times = (_generalized_time(now),
-                           _tlv(0xA0, _generalized_time(now + validity)))
-            self._second = second
-        return self._times
+        times = self._times
+        if second != times[0]:
+            this_update = _generalized_time(now)
+            times = (second, this_update,
+                     this_update + _tlv(0xA0, _generalized_time(now + validity)))
+            self._times = times
+        return times
+
+    def _cert_status(self, status: CertificateStatus, now: datetime) -> bytes:
+        if status.status is Status.GOOD:
+            return _GOOD
+        if status.status is not Status.REVOKED:
+            return _UNKNOWN
+        key = (status.revoked_at, status.reason)
+        encoded = self._revoked.get(key)
+        if encoded is None:
+            revoked = _generalized_time(status.revoked_at or now)
+            if status.reason not in (None, RevocationReason.UNSPECIFIED):
+                assert status.reason is not None
+                code = _CRL_REASON[status.reason.flag]
+                revoked += _tlv(0xA0, bytes((0x0A, 0x01, code)))
+            encoded = _tlv(0xA1, revoked)
+            if status.revoked_at is not None:  # no revocation time: "now" is not kept
+                if len(self._revoked) >= 10000:
+                    self._revoked.clear()
+                self._revoked[key] = encoded
+        return encoded
 
     def sign(self, algorithm: str, name_hash: bytes, key_hash: bytes, serial: int,
              status: CertificateStatus, now: datetime, validity: timedelta,
              nonce: bytes | None) -> bytes:
-        this_update, next_update = self._now(now, validity)
+        _, this_update, update_times = self._now(now, validity)
         id_key = (algorithm, name_hash, key_hash, serial)
         cert_id = self._cert_ids.get(id_key)
         if cert_id is None:
@@ -206,26 +256,45 @@ class _ResponseEncoder:
             if len(self._cert_ids) >= 10000:
                 self._cert_ids.clear()
             self._cert_ids[id_key] = cert_id
-        if status.status is Status.GOOD:
-            cert_status = _GOOD
-        elif status.status is Status.REVOKED:
-            revoked = _generalized_time(status.revoked_at or now)
-            if status.reason not in (None, RevocationReason.UNSPECIFIED):
-                assert status.reason is not None
-                code = _CRL_REASON[status.reason.flag]
-                revoked += _tlv(0xA0, bytes((0x0A, 0x01, code)))
-            cert_status = _tlv(0xA1, revoked)
+        single = cert_id + self._cert_status(status, now) + update_times
+        n = len(single)
+        # responses SEQUENCE { SingleResponse SEQUENCE { ... } }
+        responses = (_header(0x30, n + (2 if n < 0x80 else 3 if n < 0x100 else 4))
+                     + _header(0x30, n) + single)
+        responder_id = self._responder_id
+        if nonce is None:
+            tbs = (_header(0x30, len(responder_id) + len(this_update) + len(responses))
+                   + responder_id + this_update + responses)
         else:
-            cert_status = _UNKNOWN
-        single = _tlv(0x30, cert_id + cert_status + this_update + next_update)
-        extensions = b"" if nonce is None else _tlv(0xA1, _tlv(0x30, _tlv(
-            0x30, _NONCE_OID + _tlv(0x04, _tlv(0x04, nonce)))))
-        tbs = _tlv(0x30, self._responder_id + this_update + _tlv(0x30, single) + extensions)
+            extensions = _NONCE_EXTENSION_PREFIX[len(nonce)] + nonce
+            tbs = (_header(0x30, len(responder_id) + len(this_update) + len(responses)
+                           + len(extensions))
+                   + responder_id + this_update + responses + extensions)
         signature = self._key.sign(tbs, self._ecdsa)
-        basic = _tlv(0x30, tbs + self._signature_algorithm
-                     + _tlv(0x03, b"\x00" + signature) + self._certs)
-        return _tlv(0x30, _SUCCESSFUL + _tlv(0xA0, _tlv(
-            0x30, _BASIC_RESPONSE + _tlv(0x04, basic))))
+        signature_algorithm, certs = self._signature_algorithm, self._certs
+        size = (len(tbs) + len(signature_algorithm) + len(signature) + 1
+                + (2 if len(signature) < 0x7F else 3) + len(certs))
+        outer = self._outer.get(size)
+        if outer is None:
+            outer = self._outer_headers(size)
+        return b"".join((outer, _header(0x30, size), tbs, signature_algorithm,
+                         _header(0x03, len(signature) + 1), b"\x00", signature, certs))
+
+    def _outer_headers(self, size: int) -> bytes:
+        """OCSPResponse { successful, [0] { ResponseBytes { id-pkix-ocsp-basic,
+        OCTET STRING { BasicOCSPResponse } } } } up to the BasicOCSPResponse's own header
+        (of ``size`` content bytes)."""
+        basic = len(_header(0x30, size)) + size
+        octets = _header(0x04, basic)
+        response_bytes = len(_BASIC_RESPONSE) + len(octets) + basic
+        seq = _header(0x30, response_bytes)
+        explicit = _header(0xA0, len(seq) + response_bytes)
+        total = len(_SUCCESSFUL) + len(explicit) + len(seq) + response_bytes
+        outer = (_header(0x30, total) + _SUCCESSFUL + explicit + seq + _BASIC_RESPONSE
+                 + octets)
+        if len(self._outer) < 64:
+            self._outer[size] = outer
+        return outer
 
 
 _HASHES: tuple[hashes.HashAlgorithm, ...] = (
@@ -234,6 +303,114 @@ _HASHES: tuple[hashes.HashAlgorithm, ...] = (
     hashes.SHA384(),
     hashes.SHA512(),
 )
+_HASH_BY_NAME = {h.name: h for h in _HASHES}
+
+
+# -- reading a request -------------------------------------------------------------
+# (hash algorithm name, issuerNameHash, issuerKeyHash, serial, nonce or None)
+_RequestFields = tuple[str, bytes, bytes, int, bytes | None]
+
+_CERT_ID_ALGORITHM = {der: name for name, der in _CERT_ID_HASH.items()}
+
+
+def _content(der: bytes, pos: int, tag: int) -> tuple[int, int]:
+    """(start, end) of the content of the element at ``pos``, which must have ``tag`` and
+    a minimal DER length; ValueError or IndexError otherwise."""
+    if der[pos] != tag:
+        raise ValueError("unexpected tag")
+    n = der[pos + 1]
+    if n < 0x80:
+        return pos + 2, pos + 2 + n
+    if n == 0x81:
+        n = der[pos + 2]
+        if n < 0x80:
+            raise ValueError("non-minimal length")
+        return pos + 3, pos + 3 + n
+    if n == 0x82:
+        n = (der[pos + 2] << 8) | der[pos + 3]
+        if n < 0x100:
+            raise ValueError("non-minimal length")
+        return pos + 4, pos + 4 + n
+    raise ValueError("unsupported length")
+
+
+def _read_single_request(der: bytes) -> _RequestFields | None:
+    """The fields of the request nearly every client sends: one CertID (SHA-1/256/384/512,
+    the parameters NULL), a positive serial, no version, requestor name, signature or
+    per-request extensions, and at most a non-critical nonce as its one extension.
+    None for anything else, which the library's decoder then reads
+    (``_read_request_with_library``); where both read a request they agree."""
+    try:
+        start, end = _content(der, 0, 0x30)  # OCSPRequest
+        if end != len(der):
+            return None
+        pos, tbs_end = _content(der, start, 0x30)  # TBSRequest, no optionalSignature
+        if tbs_end != end:
+            return None
+        pos, list_end = _content(der, pos, 0x30)  # requestList, first: no version or name
+        pos, request_end = _content(der, pos, 0x30)  # the one Request
+        if request_end != list_end:
+            return None
+        pos, cert_id_end = _content(der, pos, 0x30)  # CertID, no singleRequestExtensions
+        if cert_id_end != request_end:
+            return None
+        algorithm_end = pos + 2 + der[pos + 1]
+        algorithm = _CERT_ID_ALGORITHM.get(der[pos:algorithm_end])
+        if algorithm is None:
+            return None
+        pos, name_end = _content(der, algorithm_end, 0x04)
+        name_hash = der[pos:name_end]
+        pos, key_end = _content(der, name_end, 0x04)
+        key_hash = der[pos:key_end]
+        pos, serial_end = _content(der, key_end, 0x02)
+        if serial_end != cert_id_end or serial_end == pos:
+            return None
+        first = der[pos]
+        if first & 0x80 or (first == 0 and (serial_end - pos == 1 or not der[pos + 1] & 0x80)):
+            return None  # negative, zero or not minimal: the library's decoder decides
+        serial = int.from_bytes(der[pos:serial_end], "big")
+        if list_end == tbs_end:
+            return algorithm, name_hash, key_hash, serial, None
+        pos, explicit_end = _content(der, list_end, 0xA2)  # requestExtensions
+        if explicit_end != tbs_end:
+            return None
+        pos, extensions_end = _content(der, pos, 0x30)
+        if extensions_end != explicit_end:
+            return None
+        pos, extension_end = _content(der, pos, 0x30)  # the one Extension
+        if extension_end != extensions_end:
+            return None
+        oid_end = pos + len(_NONCE_OID)
+        if der[pos:oid_end] != _NONCE_OID:
+            return None
+        pos, value_end = _content(der, oid_end, 0x04)  # extnValue, right after: not critical
+        if value_end != extension_end:
+            return None
+        pos, nonce_end = _content(der, pos, 0x04)  # the nonce, an OCTET STRING
+        if nonce_end != value_end:
+            return None
+        return algorithm, name_hash, key_hash, serial, der[pos:nonce_end]
+    except (ValueError, IndexError):
+        return None
+
+
+def _read_request_with_library(der: bytes) -> _RequestFields | None:
+    """The fields of any request the library reads, or None when it is malformed for us
+    (garbage, truncated, several CertIDs, an unknown hash algorithm, a nonce extension
+    that does not hold an OCTET STRING)."""
+    try:
+        req = ocsp.load_der_ocsp_request(der)
+        fields = (req.hash_algorithm.name, req.issuer_name_hash, req.issuer_key_hash,
+                  req.serial_number)
+    except Exception:
+        return None
+    try:
+        ext = req.extensions.get_extension_for_class(x509.OCSPNonce)
+    except x509.ExtensionNotFound:
+        return (*fields, None)
+    except Exception:
+        return None
+    return (*fields, ext.value.nonce)
 
 Lookup = Callable[[str, int], CertificateStatus]
 
@@ -276,34 +453,28 @@ class OcspResponder:
 
     def respond(self, request_der: bytes, lookup: Lookup, now: datetime) -> OcspAnswer:
         """Answer one DER request. Never raises on bad input: it answers malformedRequest."""
-        try:
-            req = ocsp.load_der_ocsp_request(request_der)
-            alg = req.hash_algorithm
-            name_hash = req.issuer_name_hash
-            key_hash = req.issuer_key_hash
-            serial = req.serial_number
-        except Exception:
-            # Garbage, a truncated request, several CertIDs (unsupported), or an
-            # unknown hash algorithm: all of them are malformed for us.
-            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformedRequest")
-        nonce_ok, nonce = self._nonce(req)
-        if not nonce_ok:
-            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformedRequest")
-        found = self._by_hash.get((alg.name, name_hash, key_hash))
+        fields = _read_single_request(request_der) or _read_request_with_library(request_der)
+        if fields is None:
+            return _MALFORMED
+        algorithm, name_hash, key_hash, serial, nonce = fields
+        if nonce is not None and (not nonce or len(nonce) > MAX_NONCE_BYTES):
+            return _MALFORMED
+        found = self._by_hash.get((algorithm, name_hash, key_hash))
         if found is None:
-            return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, "unauthorized", serial)
+            return OcspAnswer(_UNAUTHORIZED_DER, "unauthorized", serial)
         ident, encoder = found
         status = lookup(ident.ca_id, serial)
-        cache_key = (alg.name, name_hash, key_hash, serial)
         if nonce is None:
+            cache_key = (algorithm, name_hash, key_hash, serial)
             hit = self._cache.get(cache_key)
             if hit is not None and hit[0] == status and now - hit[1] < self._reuse_for:
                 return OcspAnswer(hit[2], status.status.value, serial)
         if encoder is not None:
-            der = encoder.sign(alg.name, name_hash, key_hash, serial, status, now,
+            der = encoder.sign(algorithm, name_hash, key_hash, serial, status, now,
                                self._validity, nonce)
         else:
-            der = self._build(ident, alg, name_hash, key_hash, serial, status, now, nonce)
+            der = self._build(ident, _HASH_BY_NAME[algorithm], name_hash, key_hash, serial,
+                              status, now, nonce)
         if nonce is None:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
@@ -348,21 +519,6 @@ class OcspResponder:
         response = builder.sign(key, signature_hash_for(key))
         return response.public_bytes(serialization.Encoding.DER)
 
-    @staticmethod
-    def _nonce(req: ocsp.OCSPRequest) -> tuple[bool, bytes | None]:
-        """(acceptable, nonce): the nonce is None when the request has none."""
-        try:
-            ext = req.extensions.get_extension_for_class(x509.OCSPNonce)
-        except x509.ExtensionNotFound:
-            return True, None
-        except Exception:
-            return False, None
-        nonce = ext.value.nonce
-        if not nonce or len(nonce) > MAX_NONCE_BYTES:
-            return False, None
-        return True, nonce
-
-
 def _unsuccessful(
     status: ocsp.OCSPResponseStatus, label: str, serial: int | None = None
 ) -> OcspAnswer:
@@ -370,3 +526,7 @@ def _unsuccessful(
         serialization.Encoding.DER
     )
     return OcspAnswer(der, label, serial)
+
+
+_MALFORMED = _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformedRequest")
+_UNAUTHORIZED_DER = _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, "unauthorized").der

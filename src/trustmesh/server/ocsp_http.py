@@ -38,7 +38,11 @@ MAX_HEADERS: Final = 64
 
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value (HTAB is allowed)
+# A control character anywhere in the header lines other than their line ends: when
+# there is none, no field value can hold one and the per-value search is skipped.
+_CTL_BUT_CR_LF = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te"})
+_DECIDING = frozenset({b"content-length", b"content-type", b"connection", b"transfer-encoding"})
 
 
 @dataclass(frozen=True)
@@ -118,19 +122,24 @@ def read_request(buf: bytes) -> NeedMore | OcspCall | Forward | Refusal:
     if len(lines) > MAX_HEADERS + 1:
         return Refusal(431, "too many header fields")
     # One pass over the fields, keeping the few that decide anything.
-    headers: list[tuple[bytes, bytes]] = []
     length: bytes | None = None
     content_type = connection = b""
+    start = len(lines[0]) + 1
+    plain = (_CTL_BUT_CR_LF.search(buf, start, head_end) is None
+             and buf.count(b"\r", start, head_end) == buf.count(b"\r\n", start, head_end))
     for raw in lines[1:]:
         name, sep, value = raw.partition(b":")
         if not sep or not name or name.translate(None, _TOKEN):
             # also refuses obsolete line folding (a line starting with whitespace)
             return Refusal(400, "malformed header field")
         name = name.lower()
+        if name not in _DECIDING:
+            if not plain and _CTL.search(value.strip(b" \t\r")):
+                return Refusal(400, "control character in a header field")
+            continue
         value = value.strip(b" \t\r")
-        if _CTL.search(value):
+        if not plain and _CTL.search(value):
             return Refusal(400, "control character in a header field")
-        headers.append((name, value))
         if name == b"content-length":
             if not value.isdigit() or (length is not None and value != length):
                 return Refusal(400, "invalid Content-Length")
@@ -181,7 +190,11 @@ def read_request(buf: bytes) -> NeedMore | OcspCall | Forward | Refusal:
         return OcspCall(der, _keep_alive(version, connection), consumed)
 
     forwarded = [request_line]
-    forwarded += [n + b": " + v for n, v in headers if n not in _HOP_BY_HOP]
+    for raw in lines[1:]:  # all well-formed (checked above)
+        name, _, value = raw.partition(b":")
+        name = name.lower()
+        if name not in _HOP_BY_HOP:
+            forwarded.append(name + b": " + value.strip(b" \t\r"))
     forwarded.append(b"Connection: close")
     return Forward(b"\r\n".join(forwarded) + b"\r\n\r\n" + buf[body_start:consumed])
 

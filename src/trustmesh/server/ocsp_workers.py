@@ -3,14 +3,20 @@
 One Python process signs on one core (``cryptography`` holds the GIL while it
 signs), and aiohttp's request machinery costs more per new connection than
 signing does. So, unless ``ocsp_workers`` is 0, the server binds the public
-port itself, once per worker with ``SO_REUSEPORT`` (the kernel spreads new
-connections over them), and hands one listening socket to each responder
-process. A worker:
+port itself and hands the one listening socket to every responder process. They
+all take connections from its single accept queue, so the next connection goes
+to whichever worker is free (``SO_REUSEPORT`` would spread them by a hash of the
+address, and a connection could wait behind a busy worker while another idled).
+A worker:
 
-- reads requests with the lean parser of ``ocsp_http`` and answers
-  ``POST /ocsp`` and ``GET /ocsp/<base64>`` itself, right in the accept callback
-  when the whole request has arrived (``TCP_DEFER_ACCEPT``: the kernel hands
-  over a connection once it has data);
+- answers a one-shot ``POST /ocsp`` or ``GET /ocsp/<base64>`` (what OCSP
+  clients send) in its answering thread, which blocks in ``accept()`` and then
+  reads, answers, writes and closes with no event loop in between
+  (``TCP_DEFER_ACCEPT``: the kernel hands over a connection once it has data);
+  the kernel wakes one waiting thread per connection;
+- passes every other connection (a request not complete in its first read,
+  keep-alive, pipelining, other routes) to its event loop, which reads requests
+  with the same lean parser of ``ocsp_http`` and answers OCSP the same way;
 - forwards every other request (``/healthz``, ``/metrics``, ``/crl``, ``/ca``)
   unchanged to the server's aiohttp app, which listens on a Unix socket in the
   data directory, so those routes have one implementation;
@@ -20,7 +26,7 @@ process. A worker:
 - signs with the delegated responder certificate and key the server sends it
   (never a CA key), and gets the new ones whenever the server's responder
   changes (responder renewal, CA rotation);
-- counts responses in shared memory, which ``/metrics`` adds up;
+- counts responses in shared memory (a row per thread), which ``/metrics`` adds up;
 - exits when the server goes away (its control pipe closes, even when the
   server is killed with SIGKILL). The server restarts a worker that dies.
 """
@@ -28,7 +34,9 @@ process. A worker:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import errno
 import multiprocessing
 import os
 import signal
@@ -80,33 +88,50 @@ _REQUEST_TIMEOUT = 10.0  # a request must arrive whole within this (slow clients
 _IDLE_TIMEOUT = 10.0  # a kept-alive connection may stay silent this long
 _FORWARD_TIMEOUT = 30.0
 _MAX_PENDING = 4096  # connections with an incomplete request, per worker
-_ACCEPT_BATCH = 64
+# accept() errors that mean "out of resources": wait a little before trying again
+_ACCEPT_BACKOFF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _READY_TIMEOUT = 60.0
 _SUPERVISE_INTERVAL = 0.25
 
-# Shared counters, one row per worker: responses by outcome, then the latency histogram.
+# Shared counters, one row per thread of a worker (the answering thread and the event
+# loop both answer, and ``+=`` on shared memory is not atomic): responses by outcome,
+# then the latency histogram.
 _OUTCOMES = ("good", "revoked", "unknown", "malformedRequest", "unauthorized", "internalError",
              "tryLater", "other")
 _OUTCOME_INDEX = {name: i for i, name in enumerate(_OUTCOMES)}
+_OTHER = _OUTCOME_INDEX["other"]
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _BUCKET_BASE = len(_OUTCOMES)
 _SUM_US = _BUCKET_BASE + len(_BUCKETS) + 1  # total latency in microseconds
 _ROW = _SUM_US + 1
+_ROWS_PER_WORKER = 2
+
+
+_GOOD = CertificateStatus(Status.GOOD)
+_UNKNOWN = CertificateStatus(Status.UNKNOWN)
 
 
 def status_lookup(store: Datastore) -> Callable[[str, int], CertificateStatus]:
-    """The responder's status lookup over a datastore's ``certificate_status``."""
+    """The responder's status lookup over a datastore's ``certificate_status``, read anew
+    on every call (statuses are immutable values: the same ones are handed out again)."""
+    revoked: dict[tuple[int | None, str | None], CertificateStatus] = {}
 
     def lookup(ca_id: str, serial: int) -> CertificateStatus:
         row = store.certificate_status(format(serial, "x"))
         if row is None or row[0] != ca_id:
-            return CertificateStatus(Status.UNKNOWN)
-        _, status, revoked_at, reason = row
-        if status == "revoked":
-            return CertificateStatus(Status.REVOKED,
-                                     datetime.fromtimestamp(revoked_at or 0, UTC),
-                                     RevocationReason.parse(reason or "unspecified"))
-        return CertificateStatus(Status.GOOD)
+            return _UNKNOWN
+        if row[1] != "revoked":
+            return _GOOD
+        key = (row[2], row[3])
+        status = revoked.get(key)
+        if status is None:
+            status = CertificateStatus(Status.REVOKED,
+                                       datetime.fromtimestamp(row[2] or 0, UTC),
+                                       RevocationReason.parse(row[3] or "unspecified"))
+            if len(revoked) >= 10000:
+                revoked.clear()
+            revoked[key] = status
+        return status
 
     return lookup
 
@@ -205,25 +230,28 @@ class _Worker:
         self._listener = listener
         self._control = control
         self._counters = counters
-        self._row = spec.index * _ROW
+        self._row = spec.index * _ROWS_PER_WORKER * _ROW  # the event loop's row
         self._lookup = status_lookup(store)
         self._responder = OcspResponder([], timedelta(hours=1))
         self._pending: dict[int, _Conn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        # accept() without building a socket object (and converting its family and type
-        # to enums) per connection; the descriptor is all the fast path needs.
-        self._accept: Callable[[], tuple[int, Any]] = listener._accept  # type: ignore[attr-defined]
+        self._answering: threading.Thread | None = None
+        # Held by the answering thread while it serves a connection; taken for good at
+        # stop, so that the datastore is not closed under a request.
+        self._busy = threading.Lock()
 
     async def run(self) -> None:
-        self._listener.setblocking(False)
         self._loop.add_reader(self._control.fileno(), self._on_control)
         self._control.send(("ready", os.getpid()))
         try:
             await self._stopped.wait()
         finally:
-            self._loop.remove_reader(self._listener.fileno())
+            # The answering thread finishes the connection it has (at most one) and
+            # stays blocked in accept() until the process exits; connections still in
+            # the queue go to the other workers.
+            await self._loop.run_in_executor(None, self._busy.acquire)
             self._loop.remove_reader(self._control.fileno())
             for conn in list(self._pending.values()):
                 self._close(conn)
@@ -243,24 +271,84 @@ class _Worker:
             generation, material = message[1], message[2]
             self._responder = material.responder()
             self._control.send(("loaded", generation))
-        elif kind == "serve":
-            self._loop.add_reader(self._listener.fileno(), self._on_accept)
+        elif kind == "serve" and self._answering is None:
+            self._answering = threading.Thread(target=self._answer_connections,
+                                               name="ocsp-answering", daemon=True)
+            self._answering.start()
         elif kind == "stop":
             self._stopped.set()
 
-    # connections
-    def _on_accept(self) -> None:
-        accept = self._accept
-        for _ in range(_ACCEPT_BATCH):
+    # the answering thread
+    def _answer_connections(self) -> None:
+        """Accept, read, answer, write, close; a connection that needs more than one read
+        and one answer goes to the event loop (``_adopt``)."""
+        listener = self._listener
+        listener.setblocking(True)  # the queue is shared: every worker waits in accept()
+        # accept() without building a socket object (and converting its family and type
+        # to enums) per connection; the descriptor is all the fast path needs.
+        accept: Callable[[], tuple[int, Any]] = listener._accept  # type: ignore[attr-defined]
+        read, write, close, set_blocking = os.read, os.write, os.close, os.set_blocking
+        busy, row = self._busy, self._row + _ROW
+        answer, handoff = self._answer, self._loop.call_soon_threadsafe
+        while True:
             try:
                 fd, _ = accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # out of file descriptors, or the like: try again later
-                log.warning("accept failed", extra={"error": str(exc)})
-                return
-            os.set_blocking(fd, False)
-            self._on_readable(_Conn(fd))
+            except BlockingIOError:  # someone made the shared socket non-blocking
+                listener.setblocking(True)
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.ECONNABORTED:
+                    log.warning("accept failed", extra={"error": str(exc)})
+                if exc.errno in _ACCEPT_BACKOFF:
+                    time.sleep(0.1)
+                continue
+            with busy:
+                set_blocking(fd, False)
+                try:
+                    data = read(fd, 65536)
+                except (BlockingIOError, InterruptedError):
+                    data = None  # connected without sending (yet): the loop waits for it
+                except OSError:
+                    close(fd)
+                    continue
+                if data == b"":
+                    close(fd)
+                    continue
+                if data is not None:
+                    decision = read_request(data)
+                    if (type(decision) is OcspCall and not decision.keep_alive
+                            and decision.consumed == len(data)):
+                        try:
+                            write(fd, ocsp_response_bytes(answer(decision.der, row),
+                                                          keep_alive=False))
+                        except OSError:
+                            pass
+                        close(fd)
+                        continue
+                try:
+                    handoff(self._adopt, fd, data or b"")
+                except RuntimeError:  # the loop is closed: the worker is stopping
+                    close(fd)
+
+    # connections in the event loop
+    def _adopt(self, fd: int, data: bytes) -> None:
+        """Take over a connection from the answering thread, with what it read."""
+        # it may answer and wait for more: answers must not wait for a close to be sent
+        sock = socket.socket(self._listener.family, socket.SOCK_STREAM, 0, fd)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        except OSError:
+            pass  # the connection is gone; reading it says so
+        finally:
+            sock.detach()
+        conn = _Conn(fd)
+        if not data:
+            self._wait(conn, _IDLE_TIMEOUT)
+            return
+        conn.buf = data
+        self._process(conn)
 
     def _on_readable(self, conn: _Conn) -> None:
         try:
@@ -275,6 +363,10 @@ class _Worker:
             self._close(conn)
             return
         conn.buf += data
+        self._process(conn)
+
+    def _process(self, conn: _Conn) -> None:
+        """Answer, refuse or forward the requests in ``conn.buf``; wait for the rest."""
         while True:
             decision = read_request(conn.buf)
             if decision is NEED_MORE:
@@ -282,8 +374,8 @@ class _Worker:
                 return
             if isinstance(decision, OcspCall):
                 keep = decision.keep_alive
-                if not self._send(conn, ocsp_response_bytes(self._answer(decision.der),
-                                                             keep_alive=keep)) or not keep:
+                if not self._send(conn, ocsp_response_bytes(
+                        self._answer(decision.der, self._row), keep_alive=keep)) or not keep:
                     self._close(conn)
                     return
                 conn.buf = conn.buf[decision.consumed:]
@@ -348,7 +440,8 @@ class _Worker:
         # leaves one unread is not served further.
         return sent == len(data)
 
-    def _answer(self, der: bytes) -> bytes:
+    def _answer(self, der: bytes, row: int) -> bytes:
+        """The DER answer to an OCSP request, counted in the counter row ``row``."""
         start = time.perf_counter()
         try:
             answer = self._responder.respond(der, self._lookup, datetime.now(UTC))
@@ -359,12 +452,10 @@ class _Worker:
             log.exception("OCSP request failed")
             answer = OcspAnswer(_UNSUCCESSFUL["internalError"], "internalError")
         elapsed = time.perf_counter() - start
-        counters, row = self._counters, self._row
-        counters[row + _OUTCOME_INDEX.get(answer.outcome, _OUTCOME_INDEX["other"])] += 1
-        bucket = 0
-        while bucket < len(_BUCKETS) and elapsed > _BUCKETS[bucket]:
-            bucket += 1
-        counters[row + _BUCKET_BASE + bucket] += 1
+        counters = self._counters
+        counters[row + _OUTCOME_INDEX.get(answer.outcome, _OTHER)] += 1
+        # the first bucket whose bound is >= elapsed (the last one is +Inf)
+        counters[row + _BUCKET_BASE + bisect.bisect_left(_BUCKETS, elapsed)] += 1
         counters[row + _SUM_US] += int(elapsed * 1e6)
         return answer.der
 
@@ -394,10 +485,10 @@ class _Worker:
 # -- the server side -----------------------------------------------------------------
 
 
-def _listeners(address: str, count: int) -> list[socket.socket]:
-    """``count`` sockets bound to one port (SO_REUSEPORT), made here so that a port in
-    use is a clean configuration error and queued connections survive a worker. They
-    listen once the server is ready (``OcspWorkers.open``)."""
+def _listener(address: str) -> socket.socket:
+    """The public socket, bound here so that a port in use is a clean configuration
+    error and queued connections survive a worker. It listens once the server is ready
+    (``OcspWorkers.open``); every worker accepts from it."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     try:
@@ -407,28 +498,21 @@ def _listeners(address: str, count: int) -> list[socket.socket]:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror}",
                           field="http_address") from None
     family, _, _, _, sockaddr = infos[0]
-    socks: list[socket.socket] = []
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        # SO_REUSEPORT would let us share the port with another server of the same user
-        # (a second instance started by mistake): first make sure the port is free.
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(sockaddr)
-            sockaddr = probe.getsockname()  # port 0 (tests): the port the kernel picked
-        for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            # accept() only once the request's first bytes are there (one wakeup per request)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
-            sock.bind(sockaddr)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # accept() only once the request's first bytes are there (one wakeup per request)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
+        # Accepted connections start corked (they inherit it): the answer of a one-shot
+        # request leaves with the FIN of the close() that follows it, one segment and one
+        # wakeup of the client instead of two. The event loop uncorks what it adopts.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        sock.bind(sockaddr)
     except OSError as exc:
-        for sock in socks:
-            sock.close()
+        sock.close()
         raise ConfigError(f"cannot listen on {address}: {exc.strerror}",
                           field="http_address") from None
-    return socks
+    return sock
 
 
 class _WorkerCollector(Collector):
@@ -466,9 +550,9 @@ class OcspWorkers:
         self._metrics = metrics
         self._log = (log_level, log_format)
         self._ctx = multiprocessing.get_context("spawn")  # the server has threads: no fork
-        self._counters: Any = self._ctx.RawArray("Q", count * _ROW)
+        self._counters: Any = self._ctx.RawArray("Q", count * _ROWS_PER_WORKER * _ROW)
         self._seen = [0] * len(_OUTCOMES)
-        self._sockets: list[socket.socket] = []
+        self._socket: socket.socket | None = None
         self._procs: list[BaseProcess | None] = [None] * count
         self._pipes: list[Connection | None] = [None] * count
         self._loaded: list[int] = [0] * count  # responder generation each worker has
@@ -488,7 +572,7 @@ class OcspWorkers:
         the workers and wait until each one signs with ``responder()``; from then on
         follow ``responder()`` and restart workers that die, until ``close``."""
         try:
-            self._sockets = _listeners(self._address, self.count)
+            self._socket = _listener(self._address)
             with contextlib.suppress(FileNotFoundError):
                 self.upstream.unlink()  # left over from a crash (the port is ours now)
             old_umask = os.umask(0o177)  # born 0600, like the admin socket
@@ -516,7 +600,7 @@ class OcspWorkers:
         spec = _WorkerSpec(index, self._datastore_url, str(self.upstream), os.getpid(),
                            *self._log)
         proc = self._ctx.Process(target=_worker_main, name=f"trustmesh-ocsp-{index}",
-                                 args=(spec, self._sockets[index], theirs, self._counters),
+                                 args=(spec, self._socket, theirs, self._counters),
                                  daemon=True)
         proc.start()
         theirs.close()
@@ -539,8 +623,8 @@ class OcspWorkers:
 
     def open(self) -> None:
         """Start accepting connections on the public port (once the server is ready)."""
-        for sock in self._sockets:
-            sock.listen(1024)
+        assert self._socket is not None
+        self._socket.listen(1024)
         self._open = True
         for i in range(self.count):
             self._tell(i, ("serve",))
@@ -614,8 +698,8 @@ class OcspWorkers:
         for pipe in self._pipes:
             if pipe is not None:
                 pipe.close()
-        for sock in self._sockets:
-            sock.close()
+        if self._socket is not None:
+            self._socket.close()
         if self._site is not None:
             await self._site.stop()
         with contextlib.suppress(FileNotFoundError):
@@ -635,7 +719,8 @@ class OcspWorkers:
     def totals(self) -> list[int]:
         """The shared counters summed over the workers."""
         counters = self._counters
-        return [sum(counters[w * _ROW + i] for w in range(self.count)) for i in range(_ROW)]
+        rows = range(self.count * _ROWS_PER_WORKER)
+        return [sum(counters[r * _ROW + i] for r in rows) for i in range(_ROW)]
 
     def collect(self) -> None:
         """Add what the workers answered since the last scrape to the OCSP counter."""

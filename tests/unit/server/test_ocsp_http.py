@@ -6,6 +6,8 @@ import base64
 from urllib.parse import quote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trustmesh.server.ocsp_http import (
     MAX_BODY,
@@ -134,3 +136,25 @@ def test_response_framing() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Type: application/ocsp-response\r\n"
         b"Content-Length: 3\r\nConnection: close\r\n\r\nabc")
     assert b"Connection: keep-alive" in ocsp_response_bytes(b"abc", keep_alive=True)
+
+
+_CTL_BYTES = bytes([*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F])  # all but HTAB and LF
+
+
+@settings(max_examples=500, deadline=None)
+@given(fields=st.lists(st.tuples(st.sampled_from([b"X-Test", b"Accept", b"Connection"]),
+                                 st.binary().map(lambda b: bytes(
+                                     b"a \t\r\x00\x01\x0b\x1f\x7f"[x % 9] for x in b))),
+                       max_size=5))
+def test_control_characters_in_field_values_are_refused_wherever_they_are(
+        fields: list[tuple[bytes, bytes]]) -> None:
+    # the reader looks at all header lines at once first; it must refuse exactly what a
+    # look at each value after trimming its spaces, tabs and CRs refuses
+    head = b"".join(name + b": " + value + b"\r\n" for name, value in fields)
+    decision = read_request(b"POST /ocsp HTTP/1.0\r\nContent-Length: 2\r\n" + head
+                            + b"\r\nhi")
+    refused = any(c in _CTL_BYTES for _, value in fields for c in value.strip(b" \t\r"))
+    if refused:
+        assert decision == Refusal(400, "control character in a header field")
+    else:
+        assert isinstance(decision, OcspCall) and decision.der == b"hi"
