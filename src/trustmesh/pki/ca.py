@@ -469,7 +469,9 @@ def issue_certificate(
     not_before, not_after = plan_validity(
         now, request.validity, template, policy, authority.certificate
     )
-    profile = extensions_for(template, public_key, request.csr.extensions, request.path_length)
+    # only passthrough copies the CSR's extensions: parse them only then
+    csr_extensions = request.csr.extensions if template.passthrough else None
+    profile = extensions_for(template, public_key, csr_extensions, request.path_length)
 
     extensions: list[tuple[x509.ExtensionType, bool]] = list(profile.items)
     if not names.empty:

@@ -186,6 +186,20 @@ _SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*")
 
 def validate_uri(uri: str, *, field: str = "uris") -> str:
     """Check a URI SAN: absolute, with a scheme; SPIFFE IDs must follow their spec."""
+    if uri in _VALID_URIS:  # the same SPIFFE IDs come back at every renewal
+        return uri
+    checked = _check_uri(uri, field)
+    if len(_VALID_URIS) >= _VALID_URIS_MAX:
+        _VALID_URIS.clear()
+    _VALID_URIS.add(checked)
+    return checked
+
+
+_VALID_URIS: set[str] = set()  # URIs that passed _check_uri (a pure check of the string)
+_VALID_URIS_MAX = 8192
+
+
+def _check_uri(uri: str, field: str) -> str:
     if not uri or _WHITESPACE.search(uri):
         raise InvalidInput(f"URI {uri!r} is empty or contains whitespace", field=field)
     if uri.startswith("spiffe://"):  # every X509-SVID: the SPIFFE rules say it all
