@@ -200,6 +200,8 @@ def read_request(buf: bytes) -> NeedMore | OcspCall | Forward | Refusal:
 
 
 def _keep_alive(version: bytes, connection: bytes) -> bool:
+    if not connection:  # no Connection header: the version's default
+        return version == b"HTTP/1.1"
     tokens = {t.strip().lower() for t in connection.split(b",")}
     if version == b"HTTP/1.1":
         return b"close" not in tokens
