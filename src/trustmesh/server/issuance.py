@@ -103,14 +103,15 @@ def sign_requests(authority: SigningAuthority, policy: IssuancePolicy,
                 names = RequestedNames(
                     dns_names=tuple(validate_dns_name(d) for d in item.dns_names),
                     uris=tuple(validate_uri(u) for u in item.uris))
-            subject = parse_subject(item.subject) if item.subject is not None else None
+            # the subject: the entry's for SVIDs, else the CSR's (decoded once, here)
+            subject = parse_subject(item.subject) if item.subject is not None else csr.subject
             request = IssuanceRequest(csr, template, timedelta(seconds=item.validity_seconds),
                                       names, item.path_length, public_key, subject)
             cert = issue_certificate(authority, request, now, item.serial, policy)
             out.append(SignOutcome(
                 der=cert.public_bytes(serialization.Encoding.DER),
                 subject=(_subject_text_of(item.subject) if item.subject is not None
-                         else subject_text(csr.subject)),
+                         else subject_text(subject)),
                 sans=san_strings(request.names if not names.empty else _cert_names(cert)),
                 not_before=int(cert.not_valid_before_utc.timestamp()),
                 not_after=int(cert.not_valid_after_utc.timestamp()),
