@@ -38,9 +38,10 @@ MAX_HEADERS: Final = 64
 
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value (HTAB is allowed)
-# A control character anywhere in the header lines other than their line ends: when
-# there is none, no field value can hold one and the per-value search is skipped.
-_CTL_BUT_CR_LF = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Header lines that all pass the per-line checks below (a token, a colon, a value without
+# control characters, CRLF): when the whole block matches, the loop skips those checks.
+_WELL_FORMED_FIELDS = re.compile(
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"upgrade", b"te"})
 _DECIDING = frozenset({b"content-length", b"content-type", b"connection", b"transfer-encoding"})
 
@@ -124,21 +125,20 @@ def read_request(buf: bytes) -> NeedMore | OcspCall | Forward | Refusal:
     # One pass over the fields, keeping the few that decide anything.
     length: bytes | None = None
     content_type = connection = b""
-    start = len(lines[0]) + 1
-    plain = (_CTL_BUT_CR_LF.search(buf, start, head_end) is None
-             and buf.count(b"\r", start, head_end) == buf.count(b"\r\n", start, head_end))
+    checked = body_start == head_end + 4 and _WELL_FORMED_FIELDS.fullmatch(
+        buf, len(lines[0]) + 1, head_end + 2) is not None
     for raw in lines[1:]:
         name, sep, value = raw.partition(b":")
-        if not sep or not name or name.translate(None, _TOKEN):
+        if not checked and (not sep or not name or name.translate(None, _TOKEN)):
             # also refuses obsolete line folding (a line starting with whitespace)
             return Refusal(400, "malformed header field")
         name = name.lower()
         if name not in _DECIDING:
-            if not plain and _CTL.search(value.strip(b" \t\r")):
+            if not checked and _CTL.search(value.strip(b" \t\r")):
                 return Refusal(400, "control character in a header field")
             continue
         value = value.strip(b" \t\r")
-        if not plain and _CTL.search(value):
+        if not checked and _CTL.search(value):
             return Refusal(400, "control character in a header field")
         if name == b"content-length":
             if not value.isdigit() or (length is not None and value != length):
