@@ -152,6 +152,20 @@ _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 def validate_dns_name(name: str, *, field: str = "dns_names") -> str:
     """Check a DNS SAN (RFC 1123 labels; a wildcard only as the whole leftmost label)."""
+    known = _VALID_DNS_NAMES.get(name)  # renewals bring the same names back
+    if known is not None:
+        return known
+    lowered = _check_dns_name(name, field)
+    if len(_VALID_DNS_NAMES) >= _REMEMBER_AT_MOST:
+        _VALID_DNS_NAMES.clear()
+    _VALID_DNS_NAMES[name] = lowered
+    return lowered
+
+
+_VALID_DNS_NAMES: dict[str, str] = {}  # name as given -> its checked, lower-case form
+
+
+def _check_dns_name(name: str, field: str) -> str:
     if not name:
         raise InvalidInput("empty DNS name", field=field)
     if _WHITESPACE.search(name):
@@ -189,14 +203,14 @@ def validate_uri(uri: str, *, field: str = "uris") -> str:
     if uri in _VALID_URIS:  # the same SPIFFE IDs come back at every renewal
         return uri
     checked = _check_uri(uri, field)
-    if len(_VALID_URIS) >= _VALID_URIS_MAX:
+    if len(_VALID_URIS) >= _REMEMBER_AT_MOST:
         _VALID_URIS.clear()
     _VALID_URIS.add(checked)
     return checked
 
 
 _VALID_URIS: set[str] = set()  # URIs that passed _check_uri (a pure check of the string)
-_VALID_URIS_MAX = 8192
+_REMEMBER_AT_MOST = 8192  # names remembered per kind before the memory starts again
 
 
 def _check_uri(uri: str, field: str) -> str:
