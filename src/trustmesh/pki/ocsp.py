@@ -340,6 +340,13 @@ def _read_single_request(der: bytes) -> _RequestFields | None:
     per-request extensions, and at most a non-critical nonce as its one extension.
     None for anything else, which the library's decoder then reads
     (``_read_request_with_library``); where both read a request they agree."""
+    if len(der) < 130:
+        return _read_short_single_request(der)
+    return _read_any_single_request(der)
+
+
+def _read_any_single_request(der: bytes) -> _RequestFields | None:
+    """``_read_single_request`` for a request of any length."""
     try:
         start, end = _content(der, 0, 0x30)  # OCSPRequest
         if end != len(der):
@@ -391,6 +398,61 @@ def _read_single_request(der: bytes) -> _RequestFields | None:
             return None
         return algorithm, name_hash, key_hash, serial, der[pos:nonce_end]
     except (ValueError, IndexError):
+        return None
+
+
+def _read_short_single_request(der: bytes) -> _RequestFields | None:
+    """``_read_single_request`` for a request of under 130 bytes (a SHA-1 CertID with a
+    nonce of up to 23 bytes), where every length is one byte and every element ends
+    where its container does, or before: the same checks without a call per element."""
+    size = len(der)
+    try:
+        # OCSPRequest { TBSRequest { requestList { Request { CertID ...
+        if (der[0] != 0x30 or der[1] != size - 2 or der[2] != 0x30 or der[3] != size - 4
+                or der[4] != 0x30):
+            return None
+        list_end = 6 + der[5]
+        if (list_end > size or der[6] != 0x30 or 8 + der[7] != list_end or der[8] != 0x30
+                or 10 + der[9] != list_end):
+            return None
+        algorithm_end = 12 + der[11]
+        algorithm = _CERT_ID_ALGORITHM.get(der[10:algorithm_end])
+        if algorithm is None or der[algorithm_end] != 0x04:
+            return None
+        name_end = algorithm_end + 2 + der[algorithm_end + 1]
+        if der[name_end] != 0x04:
+            return None
+        key_end = name_end + 2 + der[name_end + 1]
+        if der[key_end] != 0x02:
+            return None
+        serial_start = key_end + 2
+        if serial_start + der[key_end + 1] != list_end or serial_start == list_end:
+            return None
+        first = der[serial_start]
+        if first & 0x80 or (first == 0 and (list_end - serial_start == 1
+                                            or not der[serial_start + 1] & 0x80)):
+            return None
+        fields = (algorithm, der[algorithm_end + 2:name_end], der[name_end + 2:key_end],
+                  int.from_bytes(der[serial_start:list_end], "big"))
+        if list_end == size:
+            return (*fields, None)
+        # [2] { Extensions { Extension { nonce OID, OCTET STRING { OCTET STRING } } } },
+        # each one ending where the request does
+        pos = list_end
+        for tag in (0xA2, 0x30, 0x30):
+            if der[pos] != tag or pos + 2 + der[pos + 1] != size:
+                return None
+            pos += 2
+        oid_end = pos + len(_NONCE_OID)
+        if der[pos:oid_end] != _NONCE_OID:
+            return None
+        pos = oid_end
+        for _ in range(2):
+            if der[pos] != 0x04 or pos + 2 + der[pos + 1] != size:
+                return None
+            pos += 2
+        return (*fields, der[pos:size])
+    except IndexError:
         return None
 
 
