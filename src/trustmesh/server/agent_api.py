@@ -70,10 +70,6 @@ class X509PopConfig:
     cas: tuple[x509.Certificate, ...]
 
 
-def _der_chain(issued: IssuedCertificate) -> list[bytes]:
-    return [c.public_bytes(serialization.Encoding.DER) for c in issued.chain[:-1]]
-
-
 class AgentApi(agent_pb2_grpc.AgentServicer):
     def __init__(self, ca: CertificateAuthority, issuer: AsyncIssuer, registry: Registry,
                  cache: EntryCache, clock: Clock, *, agent_svid_ttl: int = 3600,
@@ -90,7 +86,7 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
         self.trust_domain = registry.trust_domain
         # (agent ID, registry revision) -> trust domains that agent's entries federate with
         self._federates_with: dict[tuple[str, int], frozenset[str]] = {}
-        self._tail_der: dict[tuple[int, ...], tuple[tuple[x509.Certificate, ...], list[bytes]]] = {}
+        self._tail_der: dict[tuple[x509.Certificate, ...], list[bytes]] = {}
 
     # -- helpers -------------------------------------------------------------------
     async def _abort(self, context: grpc.aio.ServicerContext, err: TrustmeshError) -> None:
@@ -194,13 +190,13 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
             issued = await self._sign_svid(agent_id, start.csr, self.agent_svid_ttl, (),
                                            f"agent:{agent_id}")
             now = int(self.clock.now().timestamp())
-            expires = int(issued.certificate.not_valid_after_utc.timestamp())
+            expires = issued.not_after
             await self._run(lambda: self.registry.store.upsert_agent(
                 str(agent_id), attestation=kind, serial=issued.serial, expires_at=expires,
                 now=now))
             log.info("agent attested", extra={"agent": str(agent_id), "attestation": kind})
             yield agent_pb2.AttestResponse(result=agent_pb2.AttestResult(
-                spiffe_id=str(agent_id), svid_chain=_der_chain(issued), expires_at=expires))
+                spiffe_id=str(agent_id), svid_chain=self._der_chain(issued), expires_at=expires))
         except TrustmeshError as err:
             log.warning("attestation refused", extra={"reason": str(err)})
             await self._abort(context, err)
@@ -232,11 +228,11 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
             issued = await self._sign_svid(agent_id, request.csr, self.agent_svid_ttl, (),
                                            f"agent:{agent_id}")
             record = await self._run(self.registry.store.get_agent, str(agent_id))
-            expires = int(issued.certificate.not_valid_after_utc.timestamp())
+            expires = issued.not_after
             await self._run(lambda: self.registry.store.upsert_agent(
                 str(agent_id), attestation=record["attestation"], serial=issued.serial,
                 expires_at=expires, now=int(self.clock.now().timestamp())))
-            return agent_pb2.RenewAgentResponse(svid_chain=_der_chain(issued),
+            return agent_pb2.RenewAgentResponse(svid_chain=self._der_chain(issued),
                                                 expires_at=expires)
         except TrustmeshError as err:
             await self._abort(context, err)
@@ -294,7 +290,7 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
             entry_id = request.params[i].entry_id
             if isinstance(outcome, IssuedCertificate):
                 results[i] = agent_pb2.SvidResult(
-                    entry_id=entry_id, svid_chain=[outcome.der, *self._chain_tail_der(outcome)],
+                    entry_id=entry_id, svid_chain=self._der_chain(outcome),
                     expires_at=outcome.not_after)
             else:
                 failure = outcome if isinstance(outcome, TrustmeshError) else InternalError(
@@ -305,17 +301,17 @@ class AgentApi(agent_pb2_grpc.AgentServicer):
                                                   error_message=str(failure))
         return agent_pb2.BatchNewX509SVIDResponse(results=[r for r in results if r is not None])
 
-    def _chain_tail_der(self, issued: IssuedCertificate) -> list[bytes]:
-        """The intermediates above an SVID, DER, without the root (encoded once per CA)."""
+    def _der_chain(self, issued: IssuedCertificate) -> list[bytes]:
+        """An SVID and the intermediates above it, DER, without the root; the CA's part is
+        encoded once per CA chain, the leaf is sent as signed."""
         tail = issued.chain_tail[:-1]
-        key = tuple(id(c) for c in tail)
-        cached = self._tail_der.get(key)
-        if cached is None or cached[0] != tail:
-            cached = (tail, [c.public_bytes(serialization.Encoding.DER) for c in tail])
-            if len(self._tail_der) > 16:
+        encoded = self._tail_der.get(tail)
+        if encoded is None:
+            encoded = [c.public_bytes(serialization.Encoding.DER) for c in tail]
+            if len(self._tail_der) > 16:  # a few CA chains at most (rotation)
                 self._tail_der.clear()
-            self._tail_der[key] = cached
-        return cached[1]
+            self._tail_der[tail] = encoded
+        return [issued.der, *encoded]
 
     async def NewJWTSVID(self, request: agent_pb2.NewJWTSVIDRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> agent_pb2.NewJWTSVIDResponse:

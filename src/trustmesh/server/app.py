@@ -354,9 +354,9 @@ def settle_garbage_collector() -> None:
 
     A started server holds a large, long-lived heap (modules, the CA, caches, gRPC
     and SQLAlchemy state) that every full collection would walk again, while a busy
-    server makes many short-lived objects (a batch of 200 CSRs is thousands). Without
-    this the collector took more of the server process's CPU than signing requests
-    did. Freezing start-up's objects (``gc.freeze``) takes them out of every
+    server makes many short-lived objects (a batch of 200 CSRs is thousands). Measured
+    on the SVID signing benchmark, this saves about 5-10 % of the server process's
+    CPU per SVID. Freezing start-up's objects (``gc.freeze``) takes them out of every
     collection; a larger first-generation threshold means fewer collections of the
     young, which still run (reference cycles are still freed).
     """
