@@ -28,6 +28,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15,
+                 sig: int = signal.SIGTERM) -> int:
+    """Ask a child to exit (``sig``), kill it if it has not within ``timeout``; its code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return proc.returncode
+
+
 def run(args: Sequence[str], *, check: bool = False, input: bytes | None = None,
         env: dict[str, str] | None = None, timeout: float = 60,
         user: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -117,14 +130,7 @@ class ServerProcess:
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        rc = self.proc.returncode
+        rc = stop_process(self.proc, sig=sig)
         self.proc = None
         self._log.close()
         return rc
@@ -221,13 +227,7 @@ class AgentProcess:
         raise AssertionError("agent not ready:\n" + self.log_path.read_text()[-3000:])
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         if self.proc is not None:
+            stop_process(self.proc)
             self._log.close()
         self.proc = None

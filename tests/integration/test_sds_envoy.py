@@ -30,7 +30,7 @@ import pytest
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from google.protobuf import json_format
 
-from harness import AgentProcess, ServerProcess, free_port
+from harness import AgentProcess, ServerProcess, free_port, stop_process
 from trustmesh.mesh.envoy.bootstrap import BootstrapParams, build_bootstrap
 from trustmesh.mesh.envoy.compile import (
     InboundPort,
@@ -82,12 +82,7 @@ class Envoy:
         return str(certs[0]["cert_chain"][0]["serial_number"])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout=10)
         self._out.close()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from harness import stop_process
 from trustmesh.mesh.sidecar import SidecarOptions
 
 pytestmark = pytest.mark.slow
@@ -62,12 +63,7 @@ class _Sidecar:
         return Path(f"/proc/{self.proc.pid}/exe").resolve().name == "envoy"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        stop_process(self.proc, timeout=10)
         self._out.close()
 
 
