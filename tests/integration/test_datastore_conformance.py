@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,6 +130,53 @@ def test_journal_replay_is_idempotent(store: Datastore) -> None:
     assert store.apply_revocations(entries) == []
     assert store.certificate_status("e1") == ("ca1", "revoked", 5, "superseded")
     assert store.certificate_status("e2") == ("ca1", "valid", None, None)
+
+
+def test_status_generation_moves_after_every_status_change_for_every_process(
+        store: Datastore, store_url: str, tmp_path: Path) -> None:
+    """SQLite: the counter OCSP responders trust their kept statuses by moves after each
+    committed revocation, seen by another process on the same database; PostgreSQL has
+    none (its readers read every time)."""
+    reader = Datastore(store_url)  # a responder process's own datastore
+    try:
+        if store.dialect == "postgresql":
+            assert store.status_generation() is None and reader.status_generation() is None
+            return
+        start = reader.status_generation()
+        assert isinstance(start, int)
+        store.insert_certificates([record("g1"), record("g2")], [{}, {}])
+        assert reader.status_generation() == start  # issuance: unknown -> good, no move
+        store.revoke("g1", at=7, reason="superseded", actor="admin", details={})
+        after_revoke = reader.status_generation()
+        assert after_revoke is not None and after_revoke > start
+        with pytest.raises(Conflict):
+            store.revoke("g1", at=8, reason="superseded", actor="admin", details={})
+        assert reader.status_generation() == after_revoke  # nothing committed
+        assert store.apply_revocations([{"serial": "g1", "at": 7, "reason": "superseded",
+                                         "actor": "a"}]) == []
+        assert reader.status_generation() == after_revoke
+        assert store.apply_revocations([{"serial": "g2", "at": 9, "reason": "superseded",
+                                         "actor": "a"}]) == ["g2"]
+        after_restore = reader.status_generation()
+        assert after_restore is not None and after_restore > after_revoke
+        # another process (a second server on the database) moves it for this one too
+        subprocess.run([sys.executable, "-c", (
+            "import sys; from trustmesh.store.datastore import Datastore\n"
+            "from trustmesh.store.datastore import CertificateRecord as R\n"
+            "d = Datastore(sys.argv[1])\n"
+            "d.insert_certificates([R('g3', 'ca1', 'CN=x', (), 'end-entity', 1, 2, b'0', "
+            "'t', 1)], [{}])\n"
+            "d.revoke('g3', at=1, reason='superseded', actor='other', details={})\n"
+            "d.close()\n"), store_url], check=True, timeout=60)
+        moved = reader.status_generation()
+        assert moved is not None and moved > after_restore
+        # a server start moves it too (a writer may have died between commit and advance)
+        store.migrate()
+        assert (reader.status_generation() or 0) > moved
+        counter = Path(str(store._sqlite_file()) + "-status")
+        assert counter.stat().st_mode & 0o777 == 0o600
+    finally:
+        reader.close()
 
 
 def test_crl_numbers_only_grow_even_across_replicas(store: Datastore, store_url: str) -> None:

@@ -20,9 +20,11 @@ A worker:
 - forwards every other request (``/healthz``, ``/metrics``, ``/crl``, ``/ca``)
   unchanged to the server's aiohttp app, which listens on a Unix socket in the
   data directory, so those routes have one implementation;
-- looks every status up in the datastore (its own SQLite WAL reader or
-  PostgreSQL connection) for each request: a revocation, written durably
-  before ``ca revoke`` returns, shows in every worker at once;
+- looks statuses up in the datastore (its own SQLite WAL reader or PostgreSQL
+  connection); on SQLite it keeps what it read while the datastore's status
+  generation stays put (``status_lookup``), on PostgreSQL it reads for every
+  request: either way a revocation, written durably before ``ca revoke``
+  returns, shows in every worker at once;
 - signs with the delegated responder certificate and key the server sends it
   (never a CA key), and gets the new ones whenever the server's responder
   changes (responder renewal, CA rotation);
@@ -111,27 +113,53 @@ _GOOD = CertificateStatus(Status.GOOD)
 _UNKNOWN = CertificateStatus(Status.UNKNOWN)
 
 
-def status_lookup(store: Datastore) -> Callable[[str, int], CertificateStatus]:
-    """The responder's status lookup over a datastore's ``certificate_status``, read anew
-    on every call (statuses are immutable values: the same ones are handed out again)."""
+_KEEP_STATUSES_FOR = 5.0  # seconds; see status_lookup
+_KEEP_AT_MOST = 65536
+
+
+def status_lookup(store: Datastore, *, clock: Callable[[], float] = time.monotonic
+                  ) -> Callable[[str, int], CertificateStatus]:
+    """The responder's status lookup over a datastore's ``certificate_status``.
+
+    Where the datastore has a status generation (SQLite: ``trustmesh.store.
+    status_generation``), a status read is kept under the generation taken just before
+    the read, and used while the generation is still that one: a revocation committed
+    by any process moves it, and the next lookup reads the database again. "Unknown"
+    is never kept (the serial may be issued next), and nothing is kept longer than
+    ``_KEEP_STATUSES_FOR``, which bounds what a writer that died between its commit and
+    its advance could leave stale. Elsewhere (PostgreSQL) every lookup reads the
+    database. Statuses are immutable values; the same ones are handed out again."""
     revoked: dict[tuple[int | None, str | None], CertificateStatus] = {}
+    # serial -> (generation, when read, ca_id, status)
+    kept: dict[int, tuple[int, float, str, CertificateStatus]] = {}
+    generation = store.status_generation
 
     def lookup(ca_id: str, serial: int) -> CertificateStatus:
+        taken = generation()
+        if taken is not None:
+            hit = kept.get(serial)
+            if hit is not None and hit[0] == taken and clock() - hit[1] < _KEEP_STATUSES_FOR:
+                return hit[3] if hit[2] == ca_id else _UNKNOWN
         row = store.certificate_status(format(serial, "x"))
-        if row is None or row[0] != ca_id:
+        if row is None:
             return _UNKNOWN
         if row[1] != "revoked":
-            return _GOOD
-        key = (row[2], row[3])
-        status = revoked.get(key)
-        if status is None:
-            status = CertificateStatus(Status.REVOKED,
-                                       datetime.fromtimestamp(row[2] or 0, UTC),
-                                       RevocationReason.parse(row[3] or "unspecified"))
-            if len(revoked) >= 10000:
-                revoked.clear()
-            revoked[key] = status
-        return status
+            status = _GOOD
+        else:
+            key = (row[2], row[3])
+            status = revoked.get(key)  # type: ignore[assignment]
+            if status is None:
+                status = CertificateStatus(Status.REVOKED,
+                                           datetime.fromtimestamp(row[2] or 0, UTC),
+                                           RevocationReason.parse(row[3] or "unspecified"))
+                if len(revoked) >= 10000:
+                    revoked.clear()
+                revoked[key] = status
+        if taken is not None:
+            if len(kept) >= _KEEP_AT_MOST:
+                kept.clear()
+            kept[serial] = (taken, clock(), row[0], status)
+        return status if row[0] == ca_id else _UNKNOWN
 
     return lookup
 

@@ -12,6 +12,7 @@ import json
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -28,6 +29,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from trustmesh.errors import ConfigError, Conflict, NotFound, PermissionDenied, Unavailable
 from trustmesh.store import models as m
+from trustmesh.store.status_generation import StatusGeneration
 
 __all__ = ["AuditEvent", "CertificateRecord", "CrlRecord", "Datastore", "normalize_url"]
 
@@ -124,6 +126,8 @@ class Datastore:
         self._local = threading.local()
         self._raws: list[Any] = []  # the per-thread status connections, closed in close()
         self._raw_lock = threading.Lock()
+        self._generation: StatusGeneration | None = None
+        self._generation_failed = False
         try:
             if self.dialect == "sqlite":
                 self.engine: Engine = create_engine(
@@ -163,7 +167,46 @@ class Datastore:
                 raw.close()
             except Exception:  # noqa: S110 - closing what may already be broken
                 pass
+        if self._generation is not None:
+            self._generation.close()
+            self._generation = None
         self.engine.dispose()
+
+    # -- status generation (SQLite) ------------------------------------------
+    def _sqlite_file(self) -> Path | None:
+        database = self.engine.url.database if self.dialect == "sqlite" else None
+        if not database or database == ":memory:" or self.engine.url.query.get("uri"):
+            return None
+        return Path(database)
+
+    def _open_generation(self) -> StatusGeneration | None:
+        if self._generation is None and not self._generation_failed:
+            path = self._sqlite_file()
+            if path is None:
+                self._generation_failed = True
+                return None
+            try:
+                self._generation = StatusGeneration(path)
+            except OSError:
+                self._generation_failed = True
+        return self._generation
+
+    def status_generation(self) -> int | None:
+        """The shared counter that moves on every certificate status change
+        (``trustmesh.store.status_generation``), or None where there is none
+        (PostgreSQL, an in-memory SQLite database): then statuses must be read anew
+        every time."""
+        generation = self._open_generation()
+        return None if generation is None else generation.read()
+
+    def _statuses_changed(self) -> None:
+        # after the commit: a reader that took the old value reads the database again.
+        # A server opened the counter in migrate() (or failed to start); any other
+        # writer opens it here. Readers also forget what they keep after a few seconds
+        # (trustmesh.server.ocsp_workers), which bounds what a lost advance could cost.
+        generation = self._open_generation()
+        if generation is not None:
+            generation.advance()
 
     # -- schema --------------------------------------------------------------
     def migrate(self) -> None:
@@ -182,6 +225,18 @@ class Datastore:
                     )
         except OperationalError as exc:
             raise Unavailable(f"cannot reach datastore {self.redacted_url}: {exc.orig}") from None
+        path = self._sqlite_file()
+        if path is not None and self._generation is None:
+            # a writer must be able to move the counter, or readers would keep statuses
+            # it changed: fail here, at start-up, rather than after a revocation's commit
+            try:
+                self._generation = StatusGeneration(path)
+            except OSError as exc:
+                raise ConfigError(f"cannot open {path.name}-status next to the datastore: "
+                                  f"{exc.strerror}", field="datastore") from None
+        # whatever happened while no server ran (a revocation whose writer died between
+        # its commit and its advance), readers start afresh
+        self._statuses_changed()
 
     # -- settings ------------------------------------------------------------
     def get_setting(self, key: str) -> str | None:
@@ -310,6 +365,7 @@ class Datastore:
             row = conn.execute(
                 select(m.certificates).where(m.certificates.c.serial == serial)
             ).first()
+        self._statuses_changed()
         return _row_to_cert(row)
 
     def apply_revocations(self, entries: Iterable[dict[str, Any]]) -> list[str]:
@@ -336,6 +392,8 @@ class Datastore:
                     )
                 )
                 fixed.append(e["serial"])
+        if fixed:
+            self._statuses_changed()
         return fixed
 
     def latest_not_after(self, ca_id: str) -> int | None:
@@ -362,14 +420,11 @@ class Datastore:
         any server replica shows at once.
         """
         for attempt in (1, 2):
-            conn = self._status_connection()
+            driver = self._status_driver()
             try:
-                cur = conn.cursor()
-                cur.execute(self._status_sql, (serial,))
-                row = cur.fetchone()
-                cur.close()
+                row = driver.execute(self._status_sql, (serial,)).fetchone()
                 if self.dialect == "postgresql":
-                    conn.rollback()  # never leave the connection idle in a transaction
+                    driver.rollback()  # never leave the connection idle in a transaction
                 return (row[0], row[1], row[2], row[3]) if row else None
             except Exception as exc:
                 self._drop_status_connection()
@@ -381,18 +436,21 @@ class Datastore:
     def _status_sql(self) -> str:
         return _STATUS_SQL_SQLITE if self.dialect == "sqlite" else _STATUS_SQL_PG
 
-    def _status_connection(self) -> Any:
-        conn = getattr(self._local, "raw", None)
-        if conn is None:
+    def _status_driver(self) -> Any:
+        """This thread's status connection as the driver's own object (sqlite3 or
+        psycopg): a statement through the pool's proxy costs half as much again."""
+        driver = getattr(self._local, "driver", None)
+        if driver is None:
             conn = self.engine.raw_connection()
-            self._local.raw = conn
             with self._raw_lock:
                 self._raws.append(conn)
-        return conn
+            self._local.raw = conn
+            self._local.driver = driver = conn.driver_connection
+        return driver
 
     def _drop_status_connection(self) -> None:
         conn = getattr(self._local, "raw", None)
-        self._local.raw = None
+        self._local.raw = self._local.driver = None
         if conn is not None:
             try:
                 conn.invalidate()
