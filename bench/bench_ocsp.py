@@ -80,16 +80,18 @@ def run_ab(url: str, body: Path, requests: int, concurrency: int) -> dict[str, f
     if ab is None:
         raise SystemExit("ab is not installed: run scripts/setup.sh --test "
                          "(Debian package apache2-utils)")
-    # openssl's single-threaded responder now and then resets a connection, which ab
-    # counts as fatal even with -r; a run is retried (at most 3 times) before failing.
-    for attempt in range(3):
+    # openssl's single-threaded responder now and then leaves a connection unanswered,
+    # which stops ab even with -r; ab gives up on a silent socket after 5 s (-s, not the
+    # default 30) and the run is retried (at most 5 times) before failing.
+    for attempt in range(5):
         proc = subprocess.run(
-            [ab, "-q", "-r", "-n", str(requests), "-c", str(concurrency), "-p", str(body),
+            [ab, "-q", "-r", "-s", "5", "-n", str(requests), "-c", str(concurrency),
+             "-p", str(body),
              "-T", "application/ocsp-request", url],
             capture_output=True, text=True, timeout=600)
         if proc.returncode == 0:
             break
-        if attempt == 2:
+        if attempt == 4:
             raise SystemExit(f"ab against {url} failed ({proc.returncode}): "
                              f"{proc.stderr.strip()[-500:]}")
     out = proc.stdout
