@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from trustmesh.pki.ocsp import Status
-from trustmesh.server.ocsp_workers import _KEEP_STATUSES_FOR, status_lookup
+from trustmesh.server.certificate_status import _KEEP_STATUSES_FOR, status_lookup
 from trustmesh.store.datastore import CertificateRecord, Datastore
 
 _counter = itertools.count()

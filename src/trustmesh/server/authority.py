@@ -49,15 +49,14 @@ from trustmesh.pki.crl import RevocationReason, RevokedCertificate, build_crl
 from trustmesh.pki.csr import RequestedNames
 from trustmesh.pki.keys.base import KeyAlgorithm, KeyManager, generate_software_key
 from trustmesh.pki.ocsp import (
-    CertificateStatus,
     OcspAnswer,
     OcspResponder,
     ResponderIdentity,
-    Status,
 )
 from trustmesh.pki.templates import get_template
 from trustmesh.server.bundle import BundlePublisher
 from trustmesh.server.ca_rotation import CaSlot, SlotState, plan_ca_rotation, retire_due
+from trustmesh.server.certificate_status import status_lookup
 from trustmesh.server.issuance import SignItem, SignOutcome, sign_requests
 from trustmesh.server.journal import RevocationJournal
 from trustmesh.server.jwt_authority import JwtAuthority
@@ -252,6 +251,8 @@ class CertificateAuthority:
     ) -> None:
         self.config = config
         self.store = datastore
+        # the responder's statuses (kept on SQLite while its status generation holds)
+        self._status_lookup = status_lookup(datastore)
         self.keys = keys
         self.clock = clock
         self.journal = RevocationJournal(config.data_dir / "revocations.journal")
@@ -672,19 +673,6 @@ class CertificateAuthority:
 
     def ocsp(self, request_der: bytes) -> OcspAnswer:
         return self._ocsp.respond(request_der, self._status_lookup, self.clock.now())
-
-    def _status_lookup(self, ca_id: str, serial: int) -> CertificateStatus:
-        row = self.store.certificate_status(format(serial, "x"))
-        if row is None or row[0] != ca_id:
-            return CertificateStatus(Status.UNKNOWN)
-        _, status, revoked_at, reason = row
-        if status == "revoked":
-            return CertificateStatus(
-                Status.REVOKED,
-                _from_epoch(revoked_at or 0),
-                RevocationReason.parse(reason or "unspecified"),
-            )
-        return CertificateStatus(Status.GOOD)
 
     # -- issuance ------------------------------------------------------------
     def now(self) -> datetime:

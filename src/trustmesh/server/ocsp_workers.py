@@ -62,14 +62,12 @@ from prometheus_client.registry import Collector
 
 from trustmesh.errors import ConfigError, Unavailable
 from trustmesh.log import configure_logging, get_logger
-from trustmesh.pki.crl import RevocationReason
 from trustmesh.pki.ocsp import (
-    CertificateStatus,
     OcspAnswer,
     OcspResponder,
     ResponderIdentity,
-    Status,
 )
+from trustmesh.server.certificate_status import status_lookup
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.ocsp_http import (
     NEED_MORE,
@@ -82,7 +80,7 @@ from trustmesh.server.ocsp_http import (
 )
 from trustmesh.store.datastore import Datastore
 
-__all__ = ["OcspWorkers", "default_ocsp_workers", "status_lookup"]
+__all__ = ["OcspWorkers", "default_ocsp_workers"]
 
 log = get_logger("trustmesh.server.ocsp")
 
@@ -107,61 +105,6 @@ _BUCKET_BASE = len(_OUTCOMES)
 _SUM_US = _BUCKET_BASE + len(_BUCKETS) + 1  # total latency in microseconds
 _ROW = _SUM_US + 1
 _ROWS_PER_WORKER = 2
-
-
-_GOOD = CertificateStatus(Status.GOOD)
-_UNKNOWN = CertificateStatus(Status.UNKNOWN)
-
-
-_KEEP_STATUSES_FOR = 5.0  # seconds; see status_lookup
-_KEEP_AT_MOST = 65536
-
-
-def status_lookup(store: Datastore, *, clock: Callable[[], float] = time.monotonic
-                  ) -> Callable[[str, int], CertificateStatus]:
-    """The responder's status lookup over a datastore's ``certificate_status``.
-
-    Where the datastore has a status generation (SQLite: ``trustmesh.store.
-    status_generation``), a status read is kept under the generation taken just before
-    the read, and used while the generation is still that one: a revocation committed
-    by any process moves it, and the next lookup reads the database again. "Unknown"
-    is never kept (the serial may be issued next), and nothing is kept longer than
-    ``_KEEP_STATUSES_FOR``, which bounds what a writer that died between its commit and
-    its advance could leave stale. Elsewhere (PostgreSQL) every lookup reads the
-    database. Statuses are immutable values; the same ones are handed out again."""
-    revoked: dict[tuple[int | None, str | None], CertificateStatus] = {}
-    # serial -> (generation, when read, ca_id, status)
-    kept: dict[int, tuple[int, float, str, CertificateStatus]] = {}
-    generation = store.status_generation
-
-    def lookup(ca_id: str, serial: int) -> CertificateStatus:
-        taken = generation()
-        if taken is not None:
-            hit = kept.get(serial)
-            if hit is not None and hit[0] == taken and clock() - hit[1] < _KEEP_STATUSES_FOR:
-                return hit[3] if hit[2] == ca_id else _UNKNOWN
-        row = store.certificate_status(format(serial, "x"))
-        if row is None:
-            return _UNKNOWN
-        if row[1] != "revoked":
-            status = _GOOD
-        else:
-            key = (row[2], row[3])
-            status = revoked.get(key)  # type: ignore[assignment]
-            if status is None:
-                status = CertificateStatus(Status.REVOKED,
-                                           datetime.fromtimestamp(row[2] or 0, UTC),
-                                           RevocationReason.parse(row[3] or "unspecified"))
-                if len(revoked) >= 10000:
-                    revoked.clear()
-                revoked[key] = status
-        if taken is not None:
-            if len(kept) >= _KEEP_AT_MOST:
-                kept.clear()
-            kept[serial] = (taken, clock(), row[0], status)
-        return status if row[0] == ca_id else _UNKNOWN
-
-    return lookup
 
 
 # -- what the server sends its workers ---------------------------------------------

@@ -203,7 +203,7 @@ class Datastore:
         # after the commit: a reader that took the old value reads the database again.
         # A server opened the counter in migrate() (or failed to start); any other
         # writer opens it here. Readers also forget what they keep after a few seconds
-        # (trustmesh.server.ocsp_workers), which bounds what a lost advance could cost.
+        # (trustmesh.server.certificate_status), which bounds what a lost advance could cost.
         generation = self._open_generation()
         if generation is not None:
             generation.advance()
