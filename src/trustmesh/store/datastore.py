@@ -438,7 +438,7 @@ class Datastore:
 
     def _status_driver(self) -> Any:
         """This thread's status connection as the driver's own object (sqlite3 or
-        psycopg): a statement through the pool's proxy costs half as much again."""
+        psycopg), without the pool proxy's wrapper around every call."""
         driver = getattr(self._local, "driver", None)
         if driver is None:
             conn = self.engine.raw_connection()
