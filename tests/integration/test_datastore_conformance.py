@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 import threading
@@ -42,6 +43,27 @@ def record(serial: str, *, key: str | None = None, ca_id: str = "ca1") -> Certif
         template="end-entity", not_before=1, not_after=2, der=b"\x30\x00",
         requested_by="tester", created_at=1, idempotency_key=key,
         request_digest="d" if key else None)
+
+
+def test_a_new_sqlite_database_and_its_wal_are_private(tmp_path: Path) -> None:
+    ds = Datastore(f"sqlite:///{tmp_path / 'private.sqlite3'}")
+    try:
+        ds.migrate()
+        ds.insert_certificates([record("p1")], [{}])
+        for name in ("private.sqlite3", "private.sqlite3-wal", "private.sqlite3-shm",
+                     "private.sqlite3-status"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    finally:
+        ds.close()
+    # an existing database keeps the mode its owner chose (a backup agent may read it)
+    (tmp_path / "shared.sqlite3").touch(mode=0o640)
+    os.chmod(tmp_path / "shared.sqlite3", 0o640)
+    ds = Datastore(f"sqlite:///{tmp_path / 'shared.sqlite3'}")
+    try:
+        ds.migrate()
+        assert (tmp_path / "shared.sqlite3").stat().st_mode & 0o777 == 0o640
+    finally:
+        ds.close()
 
 
 def test_migrate_is_idempotent(store: Datastore) -> None:

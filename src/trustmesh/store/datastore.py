@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -141,6 +142,21 @@ class Datastore:
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise ConfigError(f"cannot open datastore {self.redacted_url}: {exc}",
                               field="datastore") from None
+        self._create_private_sqlite_file()
+
+    def _create_private_sqlite_file(self) -> None:
+        """Create a new SQLite database file 0600 (it holds the audit log and agent
+        records), before SQLite would create it with the umask's mode; its -wal and -shm
+        files take the same mode. An existing file keeps the mode its owner gave it."""
+        path = self._sqlite_file()
+        if path is None:
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return  # there already, or a directory that is not: SQLite says what is wrong
+        os.close(fd)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
