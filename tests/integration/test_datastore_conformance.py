@@ -66,6 +66,26 @@ def test_a_new_sqlite_database_and_its_wal_are_private(tmp_path: Path) -> None:
         ds.close()
 
 
+def test_one_status_counter_however_the_database_path_is_spelled(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    writer = Datastore(f"sqlite:///{real / 'db.sqlite3'}")
+    writer.migrate()
+    reader = Datastore(f"sqlite:///{tmp_path / 'link' / '.' / 'db.sqlite3'}")
+    try:
+        before = reader.status_generation()
+        writer.insert_certificates([record("s1")], [{}])
+        writer.revoke("s1", at=1, reason="superseded", actor="admin", details={})
+        assert (reader.status_generation() or 0) > (before or 0)
+        assert not (tmp_path / "link" / "db.sqlite3-status").is_symlink()
+        assert sorted(p.name for p in real.iterdir() if p.name.endswith("-status")) == [
+            "db.sqlite3-status"]
+    finally:
+        reader.close()
+        writer.close()
+
+
 def test_migrate_is_idempotent(store: Datastore) -> None:
     store.migrate()
     store.migrate()

@@ -190,10 +190,13 @@ class Datastore:
 
     # -- status generation (SQLite) ------------------------------------------
     def _sqlite_file(self) -> Path | None:
+        """The database file, symbolic links resolved (as SQLite does for its -wal and
+        -shm), so that every process names one status counter however it was told the
+        path."""
         database = self.engine.url.database if self.dialect == "sqlite" else None
         if not database or database == ":memory:" or self.engine.url.query.get("uri"):
             return None
-        return Path(database)
+        return Path(os.path.realpath(database))
 
     def _open_generation(self) -> StatusGeneration | None:
         if self._generation is None and not self._generation_failed:
