@@ -198,16 +198,21 @@ class Datastore:
             return None
         return Path(os.path.realpath(database))
 
-    def _open_generation(self) -> StatusGeneration | None:
-        if self._generation is None and not self._generation_failed:
+    def _open_generation(self, *, required: bool = False) -> StatusGeneration | None:
+        """The status counter, opened on first use. ``required`` (a server starting):
+        a SQLite datastore whose counter cannot be opened is a configuration error, for
+        readers would keep statuses this writer changes."""
+        if self._generation is None and (required or not self._generation_failed):
             path = self._sqlite_file()
-            if path is None:
-                self._generation_failed = True
-                return None
-            try:
-                self._generation = StatusGeneration(path)
-            except OSError:
-                self._generation_failed = True
+            if path is not None:
+                try:
+                    self._generation = StatusGeneration(path)
+                except OSError as exc:
+                    if required:
+                        raise ConfigError(f"cannot open {path.name}-status next to the "
+                                          f"datastore: {exc.strerror}",
+                                          field="datastore") from None
+            self._generation_failed = self._generation is None
         return self._generation
 
     def status_generation(self) -> int | None:
@@ -244,15 +249,8 @@ class Datastore:
                     )
         except OperationalError as exc:
             raise Unavailable(f"cannot reach datastore {self.redacted_url}: {exc.orig}") from None
-        path = self._sqlite_file()
-        if path is not None and self._generation is None:
-            # a writer must be able to move the counter, or readers would keep statuses
-            # it changed: fail here, at start-up, rather than after a revocation's commit
-            try:
-                self._generation = StatusGeneration(path)
-            except OSError as exc:
-                raise ConfigError(f"cannot open {path.name}-status next to the datastore: "
-                                  f"{exc.strerror}", field="datastore") from None
+        # fail here, at start-up, rather than after a revocation's commit
+        self._open_generation(required=True)
         # whatever happened while no server ran (a revocation whose writer died between
         # its commit and its advance), readers start afresh
         self._statuses_changed()

@@ -56,13 +56,13 @@ class StatusGeneration:
 
     def read(self) -> int:
         """The counter now (no lock: a reader only compares it with what it saw)."""
-        return int(self._counter[0])
+        return self._counter[0]
 
     def advance(self) -> int:
         """Move the counter on after a committed status change; returns the new value."""
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            value = (int(self._counter[0]) + 1) & 0xFFFF_FFFF_FFFF_FFFF
+            value = (self._counter[0] + 1) & 0xFFFF_FFFF_FFFF_FFFF
             self._counter[0] = value
             return value
         finally:
