@@ -69,7 +69,11 @@ def cpu_and_wakeups(pid: int) -> tuple[float, int]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     switches = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for line in (task / "status").read_text().splitlines():
+        try:
+            status = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended between the listing and the read
+        for line in status.splitlines():
             if line.startswith("voluntary_ctxt_switches:"):
                 switches += int(line.split()[1])
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), switches

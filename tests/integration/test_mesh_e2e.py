@@ -296,8 +296,13 @@ def test_sidecars_run_the_default_number_of_envoy_workers(lab: MeshLab) -> None:
     from trustmesh.mesh.sidecar import SidecarOptions
 
     for name in ("sidecar-echo", "sidecar-client"):
-        tasks = Path(f"/proc/{lab.procs[name].pid}/task").iterdir()
-        workers = sum((t / "comm").read_text().startswith("wrk:") for t in tasks)
+        names = []
+        for task in Path(f"/proc/{lab.procs[name].pid}/task").iterdir():
+            try:
+                names.append((task / "comm").read_text())
+            except FileNotFoundError:
+                continue  # a thread that ended between the listing and the read
+        workers = sum(comm.startswith("wrk:") for comm in names)
         assert workers == SidecarOptions.concurrency, name
 
 
