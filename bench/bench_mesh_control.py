@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from trustmesh.mesh import plan as mesh_plan  # noqa: E402
-from trustmesh.mesh.demo import MeshLab, _free_port  # noqa: E402
+from trustmesh.mesh.demo import MeshLab, free_loopback_port  # noqa: E402
 from trustmesh.mesh.envoy.compile import (  # noqa: E402
     compile_clusters,
     compile_listeners,
@@ -130,7 +130,7 @@ def part2(sidecars: int, policies: int) -> dict[str, object]:
                    ["--selector", f"unix:uid:{os.geteuid()}"])
             lab.cli("entry", "create", "--spiffe-id", lab.spiffe_id(name), "--parent-id", node,
                     *sel)
-            app, side = _free_port(), _free_port()
+            app, side = free_loopback_port(), free_loopback_port()
             reg.append(f"""\
 apiVersion: mesh.trustmesh.io/v1alpha1
 kind: Workload
@@ -144,7 +144,7 @@ spec:
             lab.apply("---\n".join(reg))
         admin_ports = [lab.ports["echo_admin"], lab.ports["client_admin"]]
         for name, uid in extra:
-            port = _free_port()
+            port = free_loopback_port()
             lab.ports[f"{name}_admin"] = port
             work = base / f"sidecar-{name}"
             work.mkdir(exist_ok=True)

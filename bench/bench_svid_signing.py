@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from trustmesh.mesh.demo import free_loopback_port
 from trustmesh.proto import agent_pb2, agent_pb2_grpc
 
 BATCH = 200  # what the agent sends in one BatchNewX509SVID
@@ -51,9 +51,7 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_loopback_port()
 
 
 def trustmesh_cli() -> str:

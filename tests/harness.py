@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,15 @@ import httpx
 from cryptography import x509
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
+from trustmesh.mesh.demo import free_loopback_port
+
 VENV_BIN = Path(sys.executable).parent
 TRUSTMESH = str(VENV_BIN / "trustmesh")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port for a test's listener (below the ephemeral range, never reused)."""
+    return free_loopback_port()
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15,

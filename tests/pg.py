@@ -24,7 +24,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -175,9 +174,9 @@ def _child_env() -> dict[str, str]:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    from trustmesh.mesh.demo import free_loopback_port
+
+    return free_loopback_port()
 
 
 # -- the server ----------------------------------------------------------------------------

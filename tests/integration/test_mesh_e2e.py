@@ -216,13 +216,13 @@ def test_a_policy_change_applies_to_the_next_request_on_an_open_connection(
 def test_with_a_tcp_port_a_policy_change_updates_only_the_tcp_listener(clean: MeshLab) -> None:
     """Network RBAC stays on TCP listeners: a policy change updates echo's TCP listener,
     while its HTTP listener (and the keep-alive connection through it) stays as it was."""
-    from trustmesh.mesh.demo import _free_port
+    from trustmesh.mesh.demo import free_loopback_port
 
     p = clean.ports
-    tcp_sidecar = _free_port()
+    tcp_sidecar = free_loopback_port()
     with_tcp = clean.registry_yaml().replace(
         f"sidecarPort: {p['echo_sidecar']}}}]",
-        f"sidecarPort: {p['echo_sidecar']}}}, {{name: sql, port: {_free_port()}, "
+        f"sidecarPort: {p['echo_sidecar']}}}, {{name: sql, port: {free_loopback_port()}, "
         f"protocol: TCP, sidecarPort: {tcp_sidecar}}}]")
     assert with_tcp != clean.registry_yaml()
     conn = http.client.HTTPConnection("127.0.0.1", p["client_outbound"], timeout=5)
@@ -556,7 +556,7 @@ def test_ingress_gateway_terminates_tls_and_mutual_tls_then_mtls_inside(clean: M
     import ssl
     import subprocess
 
-    from trustmesh.mesh.demo import _free_port
+    from trustmesh.mesh.demo import free_loopback_port
     from trustmesh.mesh.sidecar import envoy_binary
 
     base = Path(tempfile.mkdtemp(prefix="gw-", dir=clean.base))
@@ -579,7 +579,7 @@ def test_ingress_gateway_terminates_tls_and_mutual_tls_then_mtls_inside(clean: M
     (base / "client.pem").write_text(client["chain_pem"])
     roots = clean.cli("bundle", "show", "--format", "pem").stdout
     (base / "roots.pem").write_text(roots)
-    simple, mutual = _free_port(), _free_port()
+    simple, mutual = free_loopback_port(), free_loopback_port()
     clean.apply(f"""\
 apiVersion: mesh.trustmesh.io/v1alpha1
 kind: Gateway
@@ -662,14 +662,14 @@ def test_a_nacked_configuration_is_logged_and_the_old_one_keeps_serving(clean: M
     (NACK); the server logs it and the sidecar keeps serving its previous listeners."""
     import socket
 
-    from trustmesh.mesh.demo import _free_port
+    from trustmesh.mesh.demo import free_loopback_port
 
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     taken = blocker.getsockname()[1]
     p = clean.ports
-    extra = _free_port()
+    extra = free_loopback_port()
     changed = clean.registry_yaml().replace(
         f"ports: [{{name: http, port: {p['echo_app']}, protocol: HTTP, "
         f"sidecarPort: {p['echo_sidecar']}}}]",

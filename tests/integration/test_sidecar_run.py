@@ -26,11 +26,9 @@ pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
-    import socket
+    from trustmesh.mesh.demo import free_loopback_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_loopback_port()
 
 
 class _Sidecar:

@@ -30,7 +30,7 @@ from typing import Any
 from trustmesh.errors import TrustmeshError, Unavailable
 from trustmesh.mesh.sidecar import envoy_binary
 
-__all__ = ["DEMO_STEPS", "CallResult", "MeshLab", "run_demo"]
+__all__ = ["DEMO_STEPS", "CallResult", "MeshLab", "free_loopback_port", "run_demo"]
 
 _TRUSTMESH = [sys.executable, "-m", "trustmesh.cli.main"]
 _SIDECAR_UIDS = {"echo": 61001, "client": 61002}  # distinct users when run as root
@@ -39,14 +39,17 @@ _SIDECAR_UIDS = {"echo": 61001, "client": 61002}  # distinct users when run as r
 _HANDED_OUT: set[int] = set()
 
 
-def _free_port() -> int:
-    """A loopback port for a listener of the lab, free now. Taken below the kernel's
-    ephemeral range (32768 and up), so that the lab's own outgoing connections (Envoy to
-    the agent and the server, clients) cannot take it before its listener binds it; never
-    the same one twice in a process."""
+def free_loopback_port() -> int:
+    """A loopback port for a listener (the lab's, a test's, a benchmark's), free now.
+
+    Taken below the kernel's ephemeral range, so that outgoing connections (Envoy to
+    the agent and the server, clients) cannot take it before its listener binds it,
+    and never the same one twice in a process.
+    """
     rng = random.SystemRandom()
+    top = min(_ephemeral_start(), 32768)
     for _ in range(200):
-        port = rng.randrange(20000, 32768)
+        port = rng.randrange(20000, top)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:
@@ -59,6 +62,15 @@ def _free_port() -> int:
     with socket.socket() as s:  # a crowded range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_start() -> int:
+    """The first port of the kernel's range for outgoing connections (32768 by default)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return max(21000, int(text.split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,7 @@ class MeshLab:
         self.sidecar_concurrency = sidecar_concurrency  # None: `sidecar run`'s default
         self.say = log
         self.as_root = os.geteuid() == 0
-        self.ports = {name: _free_port() for name in (
+        self.ports = {name: free_loopback_port() for name in (
             "http", "agent_api", "attest", "agent_health", "echo_app", "echo_sidecar",
             "client_outbound", "echo_admin", "client_admin")}
         self.data_dir = self.base / "server"
