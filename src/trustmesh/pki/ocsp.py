@@ -61,11 +61,20 @@ class ResponderIdentity:
 
 @dataclass(frozen=True)
 class OcspAnswer:
-    """What the HTTP layer sends, plus a label for metrics and logs."""
+    """What the HTTP layer sends, plus a label for metrics and logs.
+
+    An answer to a request without a nonce is the same for everyone who asks, so HTTP
+    caches may keep it (RFC 5019 6.2): ``this_update`` and ``next_update`` are its own
+    times (epoch seconds), ``fresh_until`` when this responder stops reusing it and
+    signs anew. They are None on answers with a nonce and on refusals.
+    """
 
     der: bytes
     outcome: str  # good | revoked | unknown | malformedRequest | unauthorized | ...
     serial: int | None = None
+    this_update: int | None = None
+    next_update: int | None = None
+    fresh_until: int | None = None
 
 
 def _der_read(data: bytes, pos: int) -> tuple[int, int, int]:
@@ -530,7 +539,7 @@ class OcspResponder:
             cache_key = (algorithm, name_hash, key_hash, serial)
             hit = self._cache.get(cache_key)
             if hit is not None and hit[0] == status and now - hit[1] < self._reuse_for:
-                return OcspAnswer(hit[2], status.status.value, serial)
+                return self._cacheable(hit[2], status, serial, hit[1])
         if encoder is not None:
             der = encoder.sign(algorithm, name_hash, key_hash, serial, status, now,
                                self._validity, nonce)
@@ -541,7 +550,16 @@ class OcspResponder:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
             self._cache[cache_key] = (status, now, der)
+            return self._cacheable(der, status, serial, now)
         return OcspAnswer(der, status.status.value, serial)
+
+    def _cacheable(self, der: bytes, status: CertificateStatus, serial: int,
+                   signed_at: datetime) -> OcspAnswer:
+        this_update = int(signed_at.timestamp())  # the response's times are whole seconds
+        next_update = int((signed_at + self._validity).timestamp())
+        fresh_until = min(next_update, int((signed_at + self._reuse_for).timestamp()))
+        return OcspAnswer(der, status.status.value, serial, this_update, next_update,
+                          fresh_until)
 
     def _build(self, ident: ResponderIdentity, alg: hashes.HashAlgorithm, name_hash: bytes,
                key_hash: bytes, serial: int, status: CertificateStatus, now: datetime,

@@ -60,7 +60,7 @@ from trustmesh.server.certificate_status import status_lookup
 from trustmesh.server.issuance import SignItem, SignOutcome, sign_requests
 from trustmesh.server.journal import RevocationJournal
 from trustmesh.server.jwt_authority import JwtAuthority
-from trustmesh.store.datastore import CertificateRecord, Datastore
+from trustmesh.store.datastore import CertificateRecord, CrlRecord, Datastore
 
 __all__ = ["CertificateAuthority", "IssueParams", "IssuedCertificate", "normalize_serial"]
 
@@ -957,10 +957,14 @@ class CertificateAuthority:
             return True
 
     def crl_der(self, ca_id: str) -> bytes:
+        return self.crl_record(ca_id).der
+
+    def crl_record(self, ca_id: str) -> CrlRecord:
+        """The latest CRL of a CA (any published slot); NotFound when it has none."""
         rec = self.store.latest_crl(ca_id)
         if rec is None:
             raise NotFound(f"no CRL for CA {ca_id}")
-        return rec.der
+        return rec
 
     def ca_certificate(self, ca_id: str) -> x509.Certificate:
         """A CA certificate of any published slot (AIA caIssuers of older certificates)."""

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from trustmesh.errors import NotFound
 from trustmesh.pki.ocsp import OcspAnswer
 from trustmesh.server.authority import CertificateAuthority, chain_pem
+from trustmesh.server.http_cache import crl_cache_headers, not_modified, ocsp_cache_headers
 from trustmesh.server.metrics import ServerMetrics
 
 __all__ = ["build_public_app"]
@@ -56,14 +57,19 @@ def build_public_app(ca: CertificateAuthority, metrics: ServerMetrics, *,
         if ext not in ("crl", "pem"):
             raise web.HTTPNotFound(text="CRLs are served as <ca-id>.crl (DER) or .pem\n")
         try:
-            der = ca.crl_der(ca_id)
+            record = ca.crl_record(ca_id)
         except NotFound:
             raise web.HTTPNotFound(text=f"no CRL for CA {ca_id}\n") from None
+        headers = crl_cache_headers(record, ext)
+        if not_modified(request.headers, headers["ETag"], record.this_update):
+            return web.Response(status=304, headers=headers)
         if ext == "pem":
-            b64 = base64.encodebytes(der).decode()
+            b64 = base64.encodebytes(record.der).decode()
             body = f"-----BEGIN X509 CRL-----\n{b64}-----END X509 CRL-----\n"
-            return web.Response(text=body, content_type="application/x-pem-file")
-        return web.Response(body=der, content_type="application/pkix-crl")
+            return web.Response(text=body, content_type="application/x-pem-file",
+                                headers=headers)
+        return web.Response(body=record.der, content_type="application/pkix-crl",
+                            headers=headers)
 
     async def ca_cert(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -83,9 +89,11 @@ def build_public_app(ca: CertificateAuthority, metrics: ServerMetrics, *,
             return web.Response(text=chain_pem([cert]), content_type="application/x-pem-file")
         raise web.HTTPNotFound(text="CA certificates are served as <ca-id>.der or .pem\n")
 
-    def ocsp_response(answer: OcspAnswer) -> web.Response:
+    def ocsp_response(answer: OcspAnswer, *, get: bool = False) -> web.Response:
         metrics.ocsp_responses.labels(answer.outcome).inc()
-        return web.Response(body=answer.der, content_type="application/ocsp-response")
+        headers = ocsp_cache_headers(answer, ca.now().timestamp()) if get else []
+        return web.Response(body=answer.der, content_type="application/ocsp-response",
+                            headers=dict(headers))
 
     async def ocsp_post(request: web.Request) -> web.Response:
         ctype = request.headers.get("Content-Type", "")
@@ -104,7 +112,7 @@ def build_public_app(ca: CertificateAuthority, metrics: ServerMetrics, *,
             der = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             der = b""  # answered below as malformedRequest
-        return ocsp_response(ca.ocsp(der))
+        return ocsp_response(ca.ocsp(der), get=True)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote_to_bytes
@@ -62,6 +63,7 @@ class OcspCall:
     der: bytes
     keep_alive: bool
     consumed: int  # bytes of the buffer this request used (pipelined requests follow)
+    get: bool = False  # a GET, whose answer HTTP caches may keep (RFC 5019 6.2)
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def read_request(buf: bytes) -> NeedMore | OcspCall | Forward | Refusal:
             der = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             der = b""  # answered as malformedRequest, as a POST of garbage is
-        return OcspCall(der, _keep_alive(version, connection), consumed)
+        return OcspCall(der, _keep_alive(version, connection), consumed, get=True)
 
     forwarded = [request_line]
     for raw in lines[1:]:  # all well-formed (checked above)
@@ -208,10 +210,14 @@ def _keep_alive(version: bytes, connection: bytes) -> bool:
     return b"keep-alive" in tokens
 
 
-def ocsp_response_bytes(der: bytes, *, keep_alive: bool) -> bytes:
+def ocsp_response_bytes(der: bytes, *, keep_alive: bool,
+                        headers: Sequence[tuple[str, str]] = ()) -> bytes:
     """The HTTP response carrying a DER OCSP response."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers).encode()
     return b"".join((
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/ocsp-response\r\nContent-Length: ",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/ocsp-response\r\n",
+        extra,
+        b"Content-Length: ",
         str(len(der)).encode(),
         b"\r\nConnection: keep-alive\r\n\r\n" if keep_alive else b"\r\nConnection: close\r\n\r\n",
         der,

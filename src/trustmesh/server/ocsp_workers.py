@@ -68,6 +68,7 @@ from trustmesh.pki.ocsp import (
     ResponderIdentity,
 )
 from trustmesh.server.certificate_status import status_lookup
+from trustmesh.server.http_cache import ocsp_cache_headers
 from trustmesh.server.metrics import ServerMetrics
 from trustmesh.server.ocsp_http import (
     NEED_MORE,
@@ -260,7 +261,7 @@ class _Worker:
         accept: Callable[[], tuple[int, Any]] = listener._accept  # type: ignore[attr-defined]
         read, write, close, set_blocking = os.read, os.write, os.close, os.set_blocking
         busy, row = self._busy, self._row + _ROW
-        answer, handoff = self._answer, self._loop.call_soon_threadsafe
+        reply, handoff = self._reply, self._loop.call_soon_threadsafe
         while True:
             try:
                 fd, _ = accept()
@@ -292,8 +293,7 @@ class _Worker:
                     if (type(decision) is OcspCall and not decision.keep_alive
                             and decision.consumed == len(data)):
                         try:
-                            write(fd, ocsp_response_bytes(answer(decision.der, row),
-                                                          keep_alive=False))
+                            write(fd, reply(decision, row))
                         except OSError:
                             pass
                         close(fd)
@@ -345,8 +345,7 @@ class _Worker:
                 return
             if isinstance(decision, OcspCall):
                 keep = decision.keep_alive
-                if not self._send(conn, ocsp_response_bytes(
-                        self._answer(decision.der, self._row), keep_alive=keep)) or not keep:
+                if not self._send(conn, self._reply(decision, self._row)) or not keep:
                     self._close(conn)
                     return
                 conn.buf = conn.buf[decision.consumed:]
@@ -411,8 +410,14 @@ class _Worker:
         # leaves one unread is not served further.
         return sent == len(data)
 
-    def _answer(self, der: bytes, row: int) -> bytes:
-        """The DER answer to an OCSP request, counted in the counter row ``row``."""
+    def _reply(self, call: OcspCall, row: int) -> bytes:
+        """The HTTP response to an OCSP request, counted in the counter row ``row``."""
+        answer = self._answer(call.der, row)
+        headers = ocsp_cache_headers(answer, time.time()) if call.get else ()
+        return ocsp_response_bytes(answer.der, keep_alive=call.keep_alive, headers=headers)
+
+    def _answer(self, der: bytes, row: int) -> OcspAnswer:
+        """The answer to an OCSP request, counted in the counter row ``row``."""
         start = time.perf_counter()
         try:
             answer = self._responder.respond(der, self._lookup, datetime.now(UTC))
@@ -428,7 +433,7 @@ class _Worker:
         # the first bucket whose bound is >= elapsed (the last one is +Inf)
         counters[row + _BUCKET_BASE + bisect.bisect_left(_BUCKETS, elapsed)] += 1
         counters[row + _SUM_US] += int(elapsed * 1e6)
-        return answer.der
+        return answer
 
     async def _forward(self, sock: socket.socket, request: bytes) -> None:
         """Relay one request to the server's HTTP app and its response back."""

@@ -50,6 +50,12 @@ def test_get_form_decodes_url_encoded_base64() -> None:
     encoded = quote(base64.b64encode(DER).decode(), safe="")
     call = read_request(f"GET /ocsp/{encoded} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert isinstance(call, OcspCall) and call.der == DER and call.keep_alive
+    assert call.get  # a GET: its answer may carry caching headers
+
+
+def test_a_post_is_not_marked_as_a_get() -> None:
+    call = read_request(post())
+    assert isinstance(call, OcspCall) and not call.get
 
 
 def test_get_form_with_slashes_unescaped() -> None:
@@ -136,6 +142,12 @@ def test_response_framing() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Type: application/ocsp-response\r\n"
         b"Content-Length: 3\r\nConnection: close\r\n\r\nabc")
     assert b"Connection: keep-alive" in ocsp_response_bytes(b"abc", keep_alive=True)
+    with_headers = ocsp_response_bytes(b"abc", keep_alive=False,
+                                       headers=[("ETag", '"x"'), ("Cache-Control", "public")])
+    assert with_headers == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/ocsp-response\r\n"
+        b'ETag: "x"\r\nCache-Control: public\r\n'
+        b"Content-Length: 3\r\nConnection: close\r\n\r\nabc")
 
 
 _CTL_BYTES = bytes([*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F])  # all but HTAB and LF
