@@ -141,6 +141,23 @@ def test_ocsp_garbage_is_malformed_and_foreign_issuer_unauthorized(
     assert "unauthorized" in (res.stdout + res.stderr).lower()
 
 
+def test_a_request_for_several_certificates_is_malformed_and_each_alone_is_answered(
+        srv: ServerProcess, tmp_path: Path) -> None:
+    """One certificate per request (RFC 5019 2.1.1), as docs/ca.md says."""
+    a = issue(srv, tmp_path, make_csr(tmp_path, "a"), "--template", "end-entity")
+    b = issue(srv, tmp_path, make_csr(tmp_path, "b"), "--template", "end-entity")
+    srv.cli_json("ca", "revoke", "--serial", str(b["serial"]), "--reason", "superseded")
+    both = openssl("ocsp", "-issuer", str(a["inter"]), "-cert", str(a["leaf"]), "-cert",
+                   str(b["leaf"]), "-CAfile", str(a["root"]), "-url", f"{srv.base_url}/ocsp",
+                   check=False)
+    assert both.returncode != 0
+    assert "malformedrequest" in (both.stdout + both.stderr).lower()
+    for out, status in ((a, "good"), (b, "revoked")):
+        alone = openssl("ocsp", "-issuer", str(out["inter"]), "-cert", str(out["leaf"]),
+                        "-CAfile", str(out["root"]), "-url", f"{srv.base_url}/ocsp")
+        assert f"{out['leaf']}: {status}" in alone.stdout
+
+
 BAD_CASES = {
     "garbage": lambda tmp: _write(tmp / "g.csr", b"hello, I am not a CSR\n"),
     "truncated": lambda tmp: _truncate(make_csr(tmp, "t")),
