@@ -61,7 +61,7 @@ def build_public_app(ca: CertificateAuthority, metrics: ServerMetrics, *,
         except NotFound:
             raise web.HTTPNotFound(text=f"no CRL for CA {ca_id}\n") from None
         headers = crl_cache_headers(record, ext)
-        if not_modified(request.headers, headers["ETag"], record.this_update):
+        if not_modified(request.headers, headers["ETag"]):
             return web.Response(status=304, headers=headers)
         if ext == "pem":
             b64 = base64.encodebytes(record.der).decode()

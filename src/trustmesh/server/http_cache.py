@@ -1,17 +1,17 @@
 """HTTP caching of the CA's public answers, as pure functions of what is answered.
 
 OCSP answers to GET requests carry the headers of RFC 5019 6.2, so a cache or a
-CDN in front of the responder can serve them. CRLs carry validators (ETag,
-Last-Modified) and answer conditional requests with 304, but every cache must
-ask again before it reuses one: a CRL is re-signed at each revocation, and a
-revocation must not wait in a cache until nextUpdate.
+CDN in front of the responder can serve them. CRLs carry an ETag and answer
+``If-None-Match`` with 304, but every cache must ask again before it reuses one:
+a CRL is re-signed at each revocation, and a revocation must not wait in a
+cache until nextUpdate.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from email.utils import formatdate, parsedate_to_datetime
+from email.utils import formatdate
 
 from trustmesh.pki.ocsp import OcspAnswer
 from trustmesh.store.datastore import CrlRecord
@@ -47,20 +47,16 @@ def crl_cache_headers(record: CrlRecord, representation: str) -> dict[str, str]:
     }
 
 
-def not_modified(request_headers: Mapping[str, str], etag: str, last_modified: int) -> bool:
-    """Whether a conditional GET may be answered 304 (RFC 9110 13.1.2, 13.1.3): If-None-Match
-    decides when present (weak comparison); else If-Modified-Since."""
+def not_modified(request_headers: Mapping[str, str], etag: str) -> bool:
+    """Whether a conditional GET may be answered 304: its If-None-Match names ``etag``
+    (weak comparison, RFC 9110 13.1.2) or is ``*``.
+
+    If-Modified-Since is not evaluated (RFC 9110 leaves that to the server): two CRLs
+    signed within one second share their Last-Modified, and a 304 on the date alone
+    could keep the older one, without the newer revocation, in a client.
+    """
     if_none_match = request_headers.get("If-None-Match")
-    if if_none_match is not None:
-        wanted = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
-        return "*" in wanted or etag.removeprefix("W/") in wanted
-    since = request_headers.get("If-Modified-Since")
-    if since is None:
+    if if_none_match is None:
         return False
-    try:
-        moment = parsedate_to_datetime(since)
-    except (TypeError, ValueError, IndexError):
-        return False  # an invalid date is ignored (RFC 9110 13.1.3)
-    if moment.tzinfo is None:
-        return False
-    return last_modified <= int(moment.timestamp())
+    wanted = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in wanted or etag.removeprefix("W/") in wanted

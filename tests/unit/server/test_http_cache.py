@@ -138,7 +138,7 @@ def test_crl_validators_differ_by_representation_and_number() -> None:
 
 
 ETAG = '"c0ffee-7-crl"'
-MODIFIED = RECORD.this_update
+SIGNED_AT = formatdate(RECORD.this_update, usegmt=True)
 
 
 @pytest.mark.parametrize(("headers", "expected"), [
@@ -148,14 +148,11 @@ MODIFIED = RECORD.this_update
     ({"If-None-Match": f'"a", {ETAG} , "b"'}, True),
     ({"If-None-Match": "*"}, True),
     ({"If-None-Match": '"c0ffee-6-crl"'}, False),
-    ({"If-Modified-Since": formatdate(MODIFIED, usegmt=True)}, True),
-    ({"If-Modified-Since": formatdate(MODIFIED + 60, usegmt=True)}, True),
-    ({"If-Modified-Since": formatdate(MODIFIED - 1, usegmt=True)}, False),
-    ({"If-Modified-Since": "yesterday"}, False),  # an invalid date is ignored
-    ({"If-Modified-Since": ""}, False),
-    # If-None-Match decides when both are given
-    ({"If-None-Match": '"other"', "If-Modified-Since": formatdate(MODIFIED, usegmt=True)},
-     False),
+    ({"If-None-Match": ""}, False),
+    # a date alone never gives a 304: a newer CRL may have been signed in that second
+    ({"If-Modified-Since": SIGNED_AT}, False),
+    ({"If-None-Match": '"other"', "If-Modified-Since": SIGNED_AT}, False),
+    ({"If-None-Match": ETAG, "If-Modified-Since": "yesterday"}, True),
 ])
 def test_conditional_requests(headers: dict[str, str], expected: bool) -> None:
-    assert not_modified(headers, ETAG, MODIFIED) is expected
+    assert not_modified(headers, ETAG) is expected
