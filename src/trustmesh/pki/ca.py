@@ -36,6 +36,7 @@ __all__ = [
     "fingerprint",
     "issue_certificate",
     "parse_subject",
+    "plan_certificate",
     "plan_validity",
     "signature_hash_for",
 ]
@@ -423,6 +424,19 @@ def issue_certificate(
     policy: IssuancePolicy,
 ) -> x509.Certificate:
     """Sign ``request`` with ``authority`` under ``policy``; raises InvalidInput on refusal."""
+    builder = plan_certificate(authority, request, now, serial, policy)
+    return builder.sign(authority.key, signature_hash_for(authority.key))  # type: ignore[arg-type]
+
+
+def plan_certificate(
+    authority: SigningAuthority,
+    request: IssuanceRequest,
+    now: datetime,
+    serial: int,
+    policy: IssuancePolicy,
+) -> x509.CertificateBuilder:
+    """Every check and field of ``issue_certificate``: the builder that only needs
+    ``authority``'s signature. Raises InvalidInput on refusal."""
     template = request.template
     names = request.names
     subject = request.csr.subject if request.subject is None else request.subject
@@ -481,6 +495,5 @@ def issue_certificate(
     extensions.append((_ski(public_key), False))
     extensions.extend((ext, False) for ext in _issuer_extensions(
         authority, with_ocsp=not template.ocsp_nocheck))
-    builder = certificate_builder(subject, authority.certificate.subject, public_key, serial,
-                                  not_before, not_after, extensions)
-    return builder.sign(authority.key, signature_hash_for(authority.key))  # type: ignore[arg-type]
+    return certificate_builder(subject, authority.certificate.subject, public_key, serial,
+                               not_before, not_after, extensions)
