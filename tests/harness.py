@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from trustmesh.mesh.demo import free_loopback_port
@@ -189,6 +191,16 @@ def urls_of(cert_path: Path) -> tuple[str, str]:
     ocsp_url = next(a.access_location.value for a in aia
                     if a.access_method == AuthorityInformationAccessOID.OCSP)
     return crl_url, ocsp_url
+
+
+def ocsp_request(out: dict[str, object], *, nonce: bool) -> bytes:
+    """A DER OCSP request (SHA-1 CertID, as openssl sends) for the leaf of ``issue``."""
+    leaf = x509.load_pem_x509_certificate(Path(str(out["leaf"])).read_bytes())
+    inter = x509.load_pem_x509_certificate(Path(str(out["inter"])).read_bytes())
+    builder = ocsp.OCSPRequestBuilder().add_certificate(leaf, inter, hashes.SHA1())  # noqa: S303
+    if nonce:
+        builder = builder.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
+    return builder.build().public_bytes(serialization.Encoding.DER)
 
 
 def audit_count(srv: ServerProcess) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
@@ -15,10 +14,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from harness import ServerProcess, issue, make_csr, urls_of
+from harness import ServerProcess, issue, make_csr, ocsp_request, urls_of
 
 CACHE_HEADERS = ("etag", "cache-control", "expires", "last-modified")
 REUSE_SECONDS = 15 * 60  # a quarter of the responses' one-hour validity
@@ -33,15 +31,6 @@ def ocsp_workers(request: pytest.FixtureRequest) -> int:
 def srv(ocsp_workers: int, start_server: Callable[..., ServerProcess]) -> ServerProcess:
     return start_server("--key-manager", "disk", "--signing-workers", "0",
                         "--ocsp-workers", str(ocsp_workers))
-
-
-def _request(out: dict[str, object], *, nonce: bool) -> bytes:
-    leaf = x509.load_pem_x509_certificate(Path(str(out["leaf"])).read_bytes())
-    inter = x509.load_pem_x509_certificate(Path(str(out["inter"])).read_bytes())
-    builder = ocsp.OCSPRequestBuilder().add_certificate(leaf, inter, hashes.SHA1())  # noqa: S303
-    if nonce:
-        builder = builder.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
-    return builder.build().public_bytes(serialization.Encoding.DER)
 
 
 def _get(srv: ServerProcess, der: bytes) -> httpx.Response:
@@ -62,7 +51,7 @@ def _max_age(resp: httpx.Response) -> int:
 def test_an_ocsp_get_without_a_nonce_carries_the_rfc5019_headers(
         srv: ServerProcess, ocsp_workers: int, tmp_path: Path) -> None:
     out = issue(srv, tmp_path, make_csr(tmp_path, "web"), "--template", "end-entity")
-    der = _request(out, nonce=False)
+    der = ocsp_request(out, nonce=False)
     resp = _get(srv, der)
     answer = ocsp.load_der_ocsp_response(resp.content)
     assert answer.certificate_status == ocsp.OCSPCertStatus.GOOD
@@ -89,12 +78,12 @@ def test_answers_that_are_not_for_caches_carry_no_cache_headers(srv: ServerProce
                                                                  tmp_path: Path) -> None:
     out = issue(srv, tmp_path, make_csr(tmp_path, "web"), "--template", "end-entity")
     # a nonce makes the answer unique to its asker
-    with_nonce = _get(srv, _request(out, nonce=True))
+    with_nonce = _get(srv, ocsp_request(out, nonce=True))
     assert ocsp.load_der_ocsp_response(with_nonce.content).certificate_status == (
         ocsp.OCSPCertStatus.GOOD)
     assert not [h for h in CACHE_HEADERS if h in with_nonce.headers]
     # caches do not keep POSTs (RFC 5019 5)
-    posted = httpx.post(f"{srv.base_url}/ocsp", content=_request(out, nonce=False), timeout=10,
+    posted = httpx.post(f"{srv.base_url}/ocsp", content=ocsp_request(out, nonce=False), timeout=10,
                         headers={"Content-Type": "application/ocsp-request"})
     assert posted.status_code == 200
     assert not [h for h in CACHE_HEADERS if h in posted.headers]
@@ -109,7 +98,7 @@ def test_answers_that_are_not_for_caches_carry_no_cache_headers(srv: ServerProce
 def test_a_revocation_gives_a_new_answer_with_a_new_tag(srv: ServerProcess,
                                                         tmp_path: Path) -> None:
     out = issue(srv, tmp_path, make_csr(tmp_path, "web"), "--template", "end-entity")
-    der = _request(out, nonce=False)
+    der = ocsp_request(out, nonce=False)
     before = _get(srv, der)
     srv.cli_json("ca", "revoke", "--serial", str(out["serial"]), "--reason", "key-compromise")
     after = _get(srv, der)

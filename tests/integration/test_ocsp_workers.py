@@ -16,10 +16,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from harness import ServerProcess, issue, make_csr, openssl
+from harness import ServerProcess, issue, make_csr, ocsp_request, openssl
 
 WORKERS = 3
 
@@ -55,15 +54,6 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def ocsp_request(out: dict[str, object], *, nonce: bool) -> bytes:
-    leaf = x509.load_pem_x509_certificate(Path(str(out["leaf"])).read_bytes())
-    inter = x509.load_pem_x509_certificate(Path(str(out["inter"])).read_bytes())
-    builder = ocsp.OCSPRequestBuilder().add_certificate(leaf, inter, hashes.SHA1())  # noqa: S303
-    if nonce:
-        builder = builder.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
-    return builder.build().public_bytes(serialization.Encoding.DER)
 
 
 def ask(srv: ServerProcess, der: bytes, *, get: bool = False) -> ocsp.OCSPResponse:
