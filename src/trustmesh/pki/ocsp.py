@@ -496,7 +496,7 @@ class OcspResponder:
         # Signed answers to nonce-less requests (RFC 5019), reused while the status
         # is unchanged and the answer is young; the status is always looked up anew.
         self._cache: dict[tuple[str, bytes, bytes, int], tuple[CertificateStatus, datetime,
-                                                                bytes]] = {}
+                                                                OcspAnswer]] = {}
         self._cache_size = cache_size
         self._reuse_for = validity / 4
         from trustmesh.pki.ca import signature_hash_for
@@ -539,7 +539,7 @@ class OcspResponder:
             cache_key = (algorithm, name_hash, key_hash, serial)
             hit = self._cache.get(cache_key)
             if hit is not None and hit[0] == status and now - hit[1] < self._reuse_for:
-                return self._cacheable(hit[2], status, serial, hit[1])
+                return hit[2]
         if encoder is not None:
             der = encoder.sign(algorithm, name_hash, key_hash, serial, status, now,
                                self._validity, nonce)
@@ -549,8 +549,9 @@ class OcspResponder:
         if nonce is None:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
-            self._cache[cache_key] = (status, now, der)
-            return self._cacheable(der, status, serial, now)
+            answer = self._cacheable(der, status, serial, now)
+            self._cache[cache_key] = (status, now, answer)
+            return answer
         return OcspAnswer(der, status.status.value, serial)
 
     def _cacheable(self, der: bytes, status: CertificateStatus, serial: int,

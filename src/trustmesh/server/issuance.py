@@ -19,11 +19,11 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -51,6 +51,9 @@ __all__ = [
 ]
 
 log = get_logger("trustmesh.server.issuance")
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 
 @dataclass(frozen=True)
@@ -101,38 +104,27 @@ def sign_requests(authority: SigningAuthority, policy: IssuancePolicy,
     a fifth more CPU (docs/BENCHMARKS.md).
     """
     out: list[SignOutcome | None] = [None] * len(items)
-    checked: list[tuple[int, x509.CertificateSigningRequest, object]] = []
-    for i, item in enumerate(items):
-        try:
-            csr, public_key = load_csr_and_key(item.csr)
-            checked.append((i, csr, public_key))
-        except Exception as exc:
-            out[i] = _refusal(item, exc)
-    prepared: list[tuple[int, IssuanceRequest]] = []
-    for i, csr, public_key in checked:
-        try:
-            prepared.append((i, _prepare(items[i], csr, public_key)))
-        except Exception as exc:
-            out[i] = _refusal(items[i], exc)
-    planned: list[tuple[int, IssuanceRequest, x509.CertificateBuilder]] = []
-    for i, request in prepared:
-        try:
-            planned.append((i, request, plan_certificate(authority, request, now,
-                                                          items[i].serial, policy)))
-        except Exception as exc:
-            out[i] = _refusal(items[i], exc)
+
+    def phase(work: Iterable[tuple[int, _In]], step: Callable[[SignItem, _In], _Out]
+              ) -> list[tuple[int, _Out]]:
+        """``step`` for every item still in the batch; a refusal takes the item out."""
+        done: list[tuple[int, _Out]] = []
+        for i, value in work:
+            try:
+                done.append((i, step(items[i], value)))
+            except Exception as exc:
+                out[i] = _refusal(items[i], exc)
+        return done
+
     key, digest = authority.key, signature_hash_for(authority.key)
-    signed: list[tuple[int, IssuanceRequest, x509.Certificate]] = []
-    for i, request, builder in planned:
-        try:
-            signed.append((i, request, builder.sign(key, digest)))  # type: ignore[arg-type]
-        except Exception as exc:
-            out[i] = _refusal(items[i], exc)
-    for i, request, cert in signed:
-        try:
-            out[i] = _outcome(items[i], request, cert, authority.ca_id)
-        except Exception as exc:
-            out[i] = _refusal(items[i], exc)
+    checked = phase(enumerate(items), lambda item, _: load_csr_and_key(item.csr))
+    prepared = phase(checked, lambda item, csr_key: _prepare(item, *csr_key))
+    planned = phase(prepared, lambda item, request: (
+        request, plan_certificate(authority, request, now, item.serial, policy)))
+    signed = phase(planned, lambda item, built: (
+        built[0], built[1].sign(key, digest)))  # type: ignore[arg-type]
+    for i, outcome in phase(signed, lambda item, done: _outcome(item, *done, authority.ca_id)):
+        out[i] = outcome
     return [o if o is not None else SignOutcome(error=InternalError(
         "internal error while signing; see the server log").to_dict()) for o in out]
 
