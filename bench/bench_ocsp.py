@@ -49,10 +49,6 @@ from trustmesh.mesh.demo import free_loopback_port
 VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    return free_loopback_port()
-
-
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -128,13 +124,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ocsp-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        port = free_port()
+        port = free_loopback_port()
         data = tmp / "server"
         srv = subprocess.Popen(
             [str(VENV_BIN / "trustmesh"), "server", "run", "--data-dir", str(data),
              "--http-address", f"127.0.0.1:{port}", "--key-manager", "memory",
-             "--bind-address", f"127.0.0.1:{free_port()}",
-             "--attest-address", f"127.0.0.1:{free_port()}", "--admin-address", "",
+             "--bind-address", f"127.0.0.1:{free_loopback_port()}",
+             "--attest-address", f"127.0.0.1:{free_loopback_port()}", "--admin-address", "",
              "--signing-workers", "0", "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "wb"))  # noqa: SIM115
         procs.append(srv)
@@ -184,7 +180,7 @@ def main() -> None:
             else:
                 lines.append(f"V\t{exp}\t\t{serial}\tunknown\t{subj}")
         (tmp / "index.txt").write_text("\n".join(lines) + "\n")
-        oport = free_port()
+        oport = free_loopback_port()
         openssl_restarts = 0
 
         def start_openssl() -> subprocess.Popen[bytes]:

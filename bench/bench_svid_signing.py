@@ -50,10 +50,6 @@ SERVER_NAME = "trustmesh-server"
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    return free_loopback_port()
-
-
 def trustmesh_cli() -> str:
     beside = Path(sys.executable).with_name("trustmesh")  # the same virtualenv first
     return str(beside) if beside.exists() else (shutil.which("trustmesh") or "trustmesh")
@@ -89,8 +85,8 @@ class Server:
 
     def __init__(self, base: Path) -> None:
         self.data_dir = base / "server"
-        self.http_port, self.agent_port = free_port(), free_port()
-        self.attest_port, self.admin_port = free_port(), free_port()
+        self.http_port, self.agent_port = free_loopback_port(), free_loopback_port()
+        self.attest_port, self.admin_port = free_loopback_port(), free_loopback_port()
         self.log = open(base / "server.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [trustmesh_cli(), "server", "run", "--data-dir", str(self.data_dir),

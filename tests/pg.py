@@ -35,6 +35,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from trustmesh.mesh.demo import free_loopback_port
+
 __all__ = [
     "PostgresServer",
     "PostgresTools",
@@ -173,12 +175,6 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    from trustmesh.mesh.demo import free_loopback_port
-
-    return free_loopback_port()
-
-
 # -- the server ----------------------------------------------------------------------------
 
 
@@ -268,7 +264,7 @@ class PostgresServer:
                        f"host  all all {HOST}/32 trust\n")
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        self.port = _free_port()
+        self.port = free_loopback_port()
         cmd = [*_launcher(self.account, die_with_parent=True), str(self.tools.postgres),
                "-D", str(self.data_dir), "-p", str(self.port), "-k", str(self.socket_dir)]
         for key, value in _SETTINGS.items():

@@ -19,26 +19,20 @@ from typing import Any
 
 import pytest
 
-from harness import stop_process
+from harness import free_port, stop_process
 from trustmesh.mesh.sidecar import SidecarOptions
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    from trustmesh.mesh.demo import free_loopback_port
-
-    return free_loopback_port()
-
-
 class _Sidecar:
     def __init__(self, work: Path, *flags: str) -> None:
-        self.admin_port = _free_port()
+        self.admin_port = free_port()
         self.log = work / "sidecar.log"
         self._out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "trustmesh.cli.main", "sidecar", "run",
-             "--workload", "default/echo", "--server-address", f"127.0.0.1:{_free_port()}",
+             "--workload", "default/echo", "--server-address", f"127.0.0.1:{free_port()}",
              "--agent-socket", str(work / "no-agent.sock"),
              "--admin-address", f"127.0.0.1:{self.admin_port}", "--work-dir", str(work),
              "--log-level", "error", *flags], stdout=self._out, stderr=self._out)
