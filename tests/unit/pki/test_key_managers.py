@@ -481,8 +481,9 @@ def test_disk_errors_never_show_key_material(tmp_path: Path) -> None:
 def test_disk_damaged_file_is_a_config_error(tmp_path: Path) -> None:
     manager = DiskKeyManager(tmp_path)
     manager.generate_key("root", KeyAlgorithm.EC_P256)
-    damaged = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
-    (tmp_path / "root.pem").write_bytes(damaged)
+    # the file's own PEM armour around a body that is not a key
+    lines = (tmp_path / "root.pem").read_bytes().splitlines()
+    (tmp_path / "root.pem").write_bytes(b"\n".join((lines[0], b"AAAA", lines[-1], b"")))
     with pytest.raises(ConfigError, match="not a PEM PKCS#8 private key"):
         DiskKeyManager(tmp_path).get_key("root")
 
